@@ -1,0 +1,1 @@
+"""The analyzer server: sessions, streaming, models and rules (see docs/ for the contracts)."""

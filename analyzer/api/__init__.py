@@ -1,0 +1,1 @@
+"""REST routes of the analyzer, one module per area."""

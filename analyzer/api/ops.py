@@ -1,0 +1,83 @@
+"""Health, readiness, metrics and admin views."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from analyzer.auth import CAN_ADMIN, Principal, key_from_request, require
+from proctor import __version__
+
+router = APIRouter(tags=["operations"])
+Admin = Annotated[Principal, Depends(require(CAN_ADMIN))]
+
+
+@router.get("/.well-known/health")
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness: the process answers."""
+    return {"status": "ok", "version": __version__, "uptime_s": round(time.time() - request.app.state.started_at, 1)}
+
+
+@router.get("/.well-known/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: models loaded and the outbox accepting alerts."""
+    st = request.app.state
+    models = st.models.describe() if getattr(st, "models", None) else None
+    sink = st.sink.state() if getattr(st, "sink", None) else {"ok": False}
+    ok = bool(models) and bool(sink.get("ok"))
+    body = {"ready": ok, "models": models, "dispatcher": sink, "inference_workers": st.settings.inference_workers}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    st = request.app.state
+    if not st.settings.metrics_public:
+        key = key_from_request(request)
+        p = st.keys.lookup(key) if key else None
+        if p is None or p.role not in CAN_ADMIN:
+            raise HTTPException(401, "metrics need an admin API key (or PROCTOR_METRICS_PUBLIC=true)")
+    st.metrics.queue_depth.labels("audio").set(sum(s._audio_bytes for s in st.sessions.live.values()))
+    return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/v1/admin/sessions")
+async def admin_sessions(
+    request: Request,
+    who: Admin,
+    state: str | None = Query(default=None, pattern="^(active|ended|expired)$"),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> dict[str, Any]:
+    mgr = request.app.state.sessions
+    rows = await mgr.list_rows(state, limit)
+    return {"sessions": [mgr.state_of(r).model_dump(mode="json") for r in rows]}
+
+
+@router.get("/api/v1/admin/stats")
+async def admin_stats(request: Request, who: Admin) -> dict[str, Any]:
+    st = request.app.state
+    live = st.sessions.live.values()
+    tot: dict[str, Any] = {"frames_received": 0, "frames_analysed": 0, "frames_dropped": 0, "audio_seconds": 0.0}
+    alerts: dict[str, int] = {}
+    for s in live:
+        c = s.counters.public()
+        tot["frames_received"] += c.frames_received
+        tot["frames_analysed"] += c.frames_analysed
+        tot["frames_dropped"] += c.frames_dropped
+        tot["audio_seconds"] += c.audio_seconds
+        for k, v in c.alerts_by_type.items():
+            alerts[k] = alerts.get(k, 0) + v
+    return {
+        "node_id": st.settings.node_id,
+        "active_sessions": len(st.sessions.live),
+        "connected_streams": sum(1 for s in live if s.connection is not None),
+        "inference_inflight": st.pool.inflight,
+        "inference_workers": st.pool.workers,
+        "totals": tot,
+        "alerts_by_type": alerts,
+        "dispatcher": st.sink.state(),
+    }

@@ -1,0 +1,112 @@
+"""FastAPI application factory: wires storage, keys, models, pipeline, outbox and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from analyzer.api import ops, sessions
+from analyzer.auth import KeyStore
+from analyzer.metrics import Metrics
+from analyzer.pipeline import InferencePool, ModelSet
+from analyzer.sessions import SessionManager
+from analyzer.stream import router as stream_router
+from dispatcher.outbox import SqlOutbox
+from proctor import __version__
+from proctor.db import make_engine, make_sessionmaker
+from proctor.settings import Settings
+
+log = logging.getLogger("proctor")
+
+
+def _stream_secret(settings: Settings) -> bytes:
+    if settings.stream_secret:
+        return settings.stream_secret.encode()
+    path = settings.data_dir / "stream-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def _announce_bootstrap_key(settings: Settings, key: str) -> None:
+    path: Path = settings.data_dir / "bootstrap-admin.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    banner = (
+        "\n" + "=" * 72 + "\n"
+        "First start: generated an admin API key (shown once; also saved to\n"
+        f"{path} with mode 0600):\n\n    {key}\n\n"
+        "Create keys for your exam backend with: proctor keys create --role system\n" + "=" * 72 + "\n"
+    )
+    print(banner, flush=True)
+
+
+def create_app(settings: Settings | None = None, models: ModelSet | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url())
+        sm = make_sessionmaker(engine)
+        st = app.state
+        st.settings = settings
+        st.started_at = time.time()
+        st.metrics = metrics = Metrics()
+        st.keys = KeyStore(sm, settings.api_keys)
+        key = st.keys.bootstrap()
+        if key:
+            _announce_bootstrap_key(settings, key)
+        st.stream_secret = _stream_secret(settings)
+        st.models = models or await asyncio.to_thread(ModelSet.load, settings.face_model, settings.face_score_threshold)
+        st.pool = pool = InferencePool(settings.inference_workers, metrics)
+        st.sink = SqlOutbox(sm, settings.resolved_outbox_jsonl())
+        st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics)
+        hk = asyncio.create_task(mgr.housekeeping())
+        log.info("analyzer ready on node %s with models %s", settings.node_id, st.models.describe())
+        try:
+            yield
+        finally:
+            hk.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hk
+            await mgr.shutdown()
+            pool.shutdown()
+            engine.dispose()
+
+    app = FastAPI(title="LiveKit proctoring analyzer", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request", "detail": detail}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+    app.include_router(sessions.router)
+    app.include_router(ops.router)
+    app.include_router(stream_router)
+    return app

@@ -1,0 +1,1 @@
+"""Per-session rule engine: policies (policy.py) and temporal incident rules (engine.py)."""

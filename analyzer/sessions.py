@@ -1,0 +1,513 @@
+"""Sessions: their durable row, their live runtime (media queues, rules) and the manager.
+
+A session is created over REST, streamed to over one WebSocket (a reconnect
+replaces the previous connection and keeps the rule state), and ended over
+REST or by expiry. After an analyzer restart an active session is rebuilt
+from its row when the client reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from analyzer.metrics import Metrics
+from analyzer.pipeline import FrameDecodeError, InferencePool, ModelSet, Sampler
+from analyzer.rules.engine import RuleEngine, RuleEvent
+from analyzer.rules.policy import effective_policy
+from dispatcher.outbox import AlertSink
+from proctor.contracts.alerts import Alert, AlertMetadata, IncidentState, ts_to_iso
+from proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
+from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, ControlEvent, MediaMessage
+from proctor.db import AuditRow, SessionRow, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class SessionConflict(Exception):
+    pass
+
+
+class SessionNotFound(Exception):
+    pass
+
+
+class SessionClosed(Exception):
+    pass
+
+
+def _aware(dt: datetime) -> datetime:
+    # SQLite drops tzinfo; everything we store is UTC.
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+@dataclass
+class Counters:
+    frames_received: int = 0
+    frames_analysed: int = 0
+    frames_dropped: int = 0  # replaced by a newer frame before analysis (latest-wins)
+    frames_sampled_out: int = 0  # above the session's analysis rate
+    frames_rejected: int = 0  # oversize, not JPEG, undecodable
+    audio_chunks: int = 0
+    audio_bytes: int = 0
+    audio_rejected: int = 0
+    messages_malformed: int = 0
+    alerts_by_type: Counter[str] = field(default_factory=Counter)
+
+    def public(self) -> SessionCounters:
+        return SessionCounters(
+            frames_received=self.frames_received,
+            frames_analysed=self.frames_analysed,
+            frames_dropped=self.frames_dropped,
+            frames_rejected=self.frames_rejected,
+            audio_chunks=self.audio_chunks,
+            audio_seconds=round(self.audio_bytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH), 3),
+            audio_rejected=self.audio_rejected,
+            messages_malformed=self.messages_malformed,
+            alerts_by_type=dict(self.alerts_by_type),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.public().model_dump()
+        d["frames_sampled_out"] = self.frames_sampled_out
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Counters:
+        c = cls()
+        for k in (
+            "frames_received",
+            "frames_analysed",
+            "frames_dropped",
+            "frames_rejected",
+            "frames_sampled_out",
+            "audio_chunks",
+            "audio_rejected",
+            "messages_malformed",
+        ):
+            setattr(c, k, int(d.get(k, 0)))
+        c.audio_bytes = int(float(d.get("audio_seconds", 0)) * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
+        c.alerts_by_type = Counter(d.get("alerts_by_type", {}))
+        return c
+
+
+class Subscriber:
+    """A bounded outgoing queue of JSON messages (one per WebSocket that listens)."""
+
+    def __init__(self, maxsize: int, media: bool = False) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
+        self.overflowed = asyncio.Event()
+        self.media = media  # the media stream connection also gets per-frame errors and flow hints
+
+    def offer(self, msg: dict[str, Any], droppable: bool = False) -> None:
+        try:
+            self.queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            if not droppable:
+                # Alerts stay in the outbox; a client that does not read is cut off, not buffered forever.
+                self.overflowed.set()
+
+
+class LiveSession:
+    """Runtime state of one active session."""
+
+    def __init__(self, row: SessionRow, manager: SessionManager) -> None:
+        self.id = row.id
+        self.candidate_id = row.candidate_id
+        self.exam_id = row.exam_id
+        self.frontend_instance_id = row.frontend_instance_id
+        self.metadata = dict(row.metadata_ or {})
+        self.created_at = _aware(row.created_at)
+        self.expires_at = _aware(row.expires_at)
+        self.policy = EffectivePolicy.model_validate(row.policy)
+        self.counters = Counters.from_json(row.counters or {})
+        self.last_verification_at = row.last_verification_at
+        self.m = manager
+        self.engine = RuleEngine(self.policy)
+        self.sampler = Sampler(self.policy.video_fps)
+        self.state = "active"
+        self.subscribers: set[Subscriber] = set()
+        self.connection: Any = None  # the media WebSocket currently feeding this session
+        self.last_media_ts: float | None = None
+        # latest-wins video slot
+        self._frame: tuple[MediaMessage, float] | None = None
+        self._frame_ready = asyncio.Event()
+        # lossless audio queue, bounded in bytes
+        self.audio_max_bytes = int(manager.settings.audio_queue_seconds * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
+        self._audio: deque[MediaMessage] = deque()
+        self._audio_bytes = 0
+        self._audio_space = asyncio.Condition()
+        self._audio_ready = asyncio.Event()
+        self.audio_paused_hint = False
+        self.track_state: dict[str, str] = {}
+        self._control_task: asyncio.Task[None] | None = None
+        self._tasks = [
+            asyncio.create_task(self._video_worker(), name=f"video:{self.id}"),
+            asyncio.create_task(self._audio_worker(), name=f"audio:{self.id}"),
+        ]
+
+    # ---- ingest (called by the WebSocket handler on the event loop)
+
+    def offer_frame(self, msg: MediaMessage) -> None:
+        self.counters.frames_received += 1
+        self.m.metrics.frames.labels("received").inc()
+        self.last_media_ts = msg.capture_ts
+        if not self.sampler.due(msg.capture_ts):
+            self.counters.frames_sampled_out += 1
+            self.m.metrics.frames.labels("sampled_out").inc()
+            return
+        if self._frame is not None:
+            self.counters.frames_dropped += 1
+            self.m.metrics.frames.labels("dropped").inc()
+        self._frame = (msg, time.perf_counter())
+        self._frame_ready.set()
+
+    async def offer_audio(self, msg: MediaMessage) -> None:
+        """Queues audio without loss; waits (TCP backpressure) when the bound is reached."""
+        n = len(msg.payload)
+        async with self._audio_space:
+            await self._audio_space.wait_for(lambda: self._audio_bytes + n <= self.audio_max_bytes or not self._audio)
+            self._audio.append(msg)
+            self._audio_bytes += n
+        self.counters.audio_chunks += 1
+        self.m.metrics.audio_chunks.labels("received").inc()
+        self._audio_ready.set()
+        self._update_audio_hint()
+
+    def audio_fill(self) -> float:
+        return self._audio_bytes / self.audio_max_bytes if self.audio_max_bytes else 0.0
+
+    def _update_audio_hint(self) -> None:
+        fill = self.audio_fill()
+        if not self.audio_paused_hint and fill >= 0.75:
+            self.audio_paused_hint = True
+            self.broadcast({"type": "flow", "audio": "slow_down", "audio_queue_fill": round(fill, 3)})
+        elif self.audio_paused_hint and fill <= 0.25:
+            self.audio_paused_hint = False
+            self.broadcast({"type": "flow", "audio": "resume", "audio_queue_fill": round(fill, 3)})
+
+    def on_control(self, event: str, track: str | None, ts: float) -> None:
+        """Track and participant state from the client (CAMERA_OFF & co. come with the vision rules)."""
+        self.track_state[track or "participant"] = event
+        camera_gone = track == "camera" and event in (ControlEvent.TRACK_MUTED, ControlEvent.TRACK_ENDED)
+        if camera_gone or event == ControlEvent.PARTICIPANT_LEFT:
+            # Without video there is no evidence: open face incidents end, pending ones start over.
+            reason = f"{track or 'participant'}:{event}"
+            self._control_task = asyncio.create_task(self.emit(self.engine.close_all(ts, reason)))
+
+    # ---- workers
+
+    async def _video_worker(self) -> None:
+        while True:
+            await self._frame_ready.wait()
+            self._frame_ready.clear()
+            item, self._frame = self._frame, None
+            if item is None:
+                continue
+            msg, arrived = item
+            try:
+                sig = await self.m.pool.run(self.m.models.analyze_jpeg, msg.payload, msg.seq, msg.capture_ts)
+            except FrameDecodeError as e:
+                self.counters.frames_rejected += 1
+                self.m.metrics.frames.labels("rejected").inc()
+                self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
+                self.broadcast(
+                    {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq}, media_only=True
+                )
+                continue
+            except Exception:
+                log.exception("inference failed for session %s frame %s", self.id, msg.seq)
+                continue
+            if self.state != "active":
+                return
+            self.counters.frames_analysed += 1
+            self.m.metrics.frames.labels("analysed").inc()
+            for model, ms in sig.latency_ms.items():
+                self.m.metrics.inference_latency.labels(model).observe(ms / 1000)
+            await self.emit(self.engine.observe(sig))
+            self.m.metrics.frame_to_signal.observe(time.perf_counter() - arrived)
+
+    async def _audio_worker(self) -> None:
+        # Audio models come with the audio issue; here audio is accounted for and released.
+        while True:
+            await self._audio_ready.wait()
+            self._audio_ready.clear()
+            while self._audio:
+                msg = self._audio.popleft()
+                async with self._audio_space:
+                    self._audio_bytes -= len(msg.payload)
+                    self._audio_space.notify_all()
+                self.counters.audio_bytes += len(msg.payload)
+                self.m.metrics.audio_seconds.inc(len(msg.payload) / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH))
+                self._update_audio_hint()
+                await asyncio.sleep(0)
+
+    # ---- alerts out
+
+    def make_alert(self, ev: RuleEvent) -> Alert:
+        return Alert(
+            exam_session_id=self.id,
+            candidate_id=self.candidate_id,
+            timestamp=ts_to_iso(ev.ts),
+            event_type=ev.event_type,
+            severity_score=ev.severity,
+            ai_model_source=ev.model or self.m.models.face.name,
+            evidence=ev.evidence,
+            metadata=AlertMetadata(node_id=self.m.settings.node_id, worker_id=self.m.worker_id, exam_id=self.exam_id),
+            incident_id=ev.incident_id,
+            incident_state=ev.state,
+        )
+
+    async def emit(self, events: list[RuleEvent]) -> None:
+        for ev in events:
+            alert = self.make_alert(ev)
+            if ev.state is IncidentState.STARTED:
+                self.counters.alerts_by_type[ev.event_type] += 1
+            self.m.metrics.alerts.labels(ev.event_type, str(ev.state)).inc()
+            try:
+                await self.m.sink.publish(alert)
+            except Exception:
+                log.exception("outbox append failed for %s", alert.event_id)
+            self.broadcast({"type": "alert", "alert": alert.model_dump(mode="json")})
+
+    def broadcast(self, msg: dict[str, Any], droppable: bool = False, media_only: bool = False) -> None:
+        for sub in list(self.subscribers):
+            if media_only and not sub.media:
+                continue
+            sub.offer(msg, droppable=droppable)
+
+    def subscribe(self, media: bool = False) -> Subscriber:
+        sub = Subscriber(self.m.settings.subscriber_queue, media=media)
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "frames_processed": self.counters.frames_analysed,
+            "frames_received": self.counters.frames_received,
+            "frames_dropped": self.counters.frames_dropped,
+            "alerts_triggered": sum(self.counters.alerts_by_type.values()),
+            "audio_seconds": self.counters.public().audio_seconds,
+            "audio_queue_fill": round(self.audio_fill(), 3),
+            "last_face_verification": self.last_verification_at.isoformat() if self.last_verification_at else None,
+        }
+
+    async def close(self, reason: str) -> None:
+        """Ends open incidents (their end alerts are emitted) and stops the workers."""
+        # Let the audio queue drain: audio is never silently dropped.
+        for _ in range(100):
+            if not self._audio:
+                break
+            await asyncio.sleep(0.01)
+        ts = self.last_media_ts or time.time()
+        self.state = "ended"
+        await self.emit(self.engine.close_all(ts, reason))
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.broadcast({"type": "session_ended", "reason": reason})
+
+
+class SessionManager:
+    def __init__(
+        self, settings: Any, sm: sessionmaker, models: ModelSet, pool: InferencePool, sink: AlertSink, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.sm = sm
+        self.models = models
+        self.pool = pool
+        self.sink = sink
+        self.metrics = metrics
+        self.worker_id = f"pid{os.getpid()}"
+        self.live: dict[str, LiveSession] = {}
+        self._lock = asyncio.Lock()
+
+    # ---- database helpers (run in threads)
+
+    def _db_get(self, sid: str) -> SessionRow | None:
+        with self.sm() as db:
+            return db.get(SessionRow, sid)
+
+    def _audit(self, actor: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
+        with self.sm.begin() as db:
+            db.add(AuditRow(actor=actor, action=action, target=target, detail=detail or {}))
+
+    # ---- lifecycle
+
+    async def start(self, req: SessionStartRequest, actor: str) -> tuple[LiveSession, bool]:
+        """Returns (session, created). Idempotent for the same candidate; SessionConflict otherwise."""
+        policy = effective_policy(req, self.settings.video_fps)
+        async with self._lock:
+            row = await asyncio.to_thread(self._db_get, req.exam_session_id)
+            if row is not None and row.state == "active" and _aware(row.expires_at) > utcnow():
+                if row.candidate_id != req.candidate_id:
+                    raise SessionConflict(f"session {req.exam_session_id} is active for another candidate")
+                return await self._live(row), False
+            if row is not None and row.state == "active":
+                await self._expire(row.id)
+
+            def create() -> SessionRow:
+                now = utcnow()
+                with self.sm.begin() as db:
+                    old = db.get(SessionRow, req.exam_session_id)
+                    if old is not None:
+                        db.delete(old)  # an ended session id is reused for a new sitting
+                        db.flush()
+                    new = SessionRow(
+                        id=req.exam_session_id,
+                        candidate_id=req.candidate_id,
+                        exam_id=req.exam_id,
+                        frontend_instance_id=req.frontend_instance_id,
+                        state="active",
+                        policy=policy.model_dump(mode="json"),
+                        metadata_=req.metadata,
+                        counters={},
+                        created_at=now,
+                        expires_at=now + timedelta(seconds=self.settings.session_ttl_s),
+                    )
+                    db.add(new)
+                    db.add(
+                        AuditRow(
+                            actor=actor,
+                            action="session.start",
+                            target=req.exam_session_id,
+                            detail={"candidate_id": req.candidate_id, "exam_id": req.exam_id},
+                        )
+                    )
+                return new
+
+            row = await asyncio.to_thread(create)
+            live = LiveSession(row, self)
+            self.live[row.id] = live
+            self.metrics.active_sessions.set(len(self.live))
+            return live, True
+
+    async def _live(self, row: SessionRow) -> LiveSession:
+        live = self.live.get(row.id)
+        if live is None:  # e.g. after an analyzer restart
+            live = LiveSession(row, self)
+            self.live[row.id] = live
+            self.metrics.active_sessions.set(len(self.live))
+        return live
+
+    async def get_live(self, sid: str) -> LiveSession:
+        """The active session, rebuilt from its row when needed; SessionNotFound / SessionClosed."""
+        live = self.live.get(sid)
+        if live is not None:
+            return live
+        row = await asyncio.to_thread(self._db_get, sid)
+        if row is None:
+            raise SessionNotFound(sid)
+        if row.state != "active":
+            raise SessionClosed(row.state)
+        if _aware(row.expires_at) <= utcnow():
+            await self._expire(sid)
+            raise SessionClosed("expired")
+        async with self._lock:
+            return await self._live(row)
+
+    async def end(self, sid: str, actor: str, reason: str = "ended_by_api", state: str = "ended") -> SessionRow:
+        live = self.live.pop(sid, None)
+        self.metrics.active_sessions.set(len(self.live))
+        if live is not None:
+            await live.close(reason)
+            if live.connection is not None:
+                with contextlib.suppress(Exception):
+                    await live.connection.close(code=4408, reason=f"session {state}")
+
+        def finish() -> SessionRow:
+            with self.sm.begin() as db:
+                row = db.get(SessionRow, sid)
+                if row is None:
+                    raise SessionNotFound(sid)
+                if row.state == "active":
+                    row.state = state
+                    row.ended_at = utcnow()
+                if live is not None:
+                    row.counters = live.counters.to_json()
+                db.add(AuditRow(actor=actor, action=f"session.{state}", target=sid, detail={"reason": reason}))
+                return row
+
+        return await asyncio.to_thread(finish)
+
+    async def _expire(self, sid: str) -> None:
+        with contextlib.suppress(SessionNotFound):
+            await self.end(sid, "system:expiry", reason="expired", state="expired")
+
+    async def flush_counters(self) -> None:
+        snapshot = {sid: s.counters.to_json() for sid, s in self.live.items()}
+
+        def write() -> None:
+            with self.sm.begin() as db:
+                for sid, c in snapshot.items():
+                    row = db.get(SessionRow, sid)
+                    if row is not None:
+                        row.counters = c
+
+        await asyncio.to_thread(write)
+
+    async def housekeeping(self) -> None:
+        """Expires sessions past their TTL and persists counters; runs every 30 s."""
+        while True:
+            await asyncio.sleep(30)
+            try:
+                now = utcnow()
+                for sid, s in list(self.live.items()):
+                    if s.expires_at <= now:
+                        await self._expire(sid)
+                await self.flush_counters()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    async def shutdown(self) -> None:
+        await self.flush_counters()
+        for s in list(self.live.values()):
+            for t in s._tasks:
+                t.cancel()
+
+    # ---- views
+
+    def state_of(self, row: SessionRow) -> SessionState:
+        live = self.live.get(row.id)
+        counters = live.counters.public() if live else Counters.from_json(row.counters or {}).public()
+        return SessionState(
+            exam_session_id=row.id,
+            candidate_id=row.candidate_id,
+            exam_id=row.exam_id,
+            frontend_instance_id=row.frontend_instance_id,
+            state=row.state,  # type: ignore[arg-type]
+            created_at=_aware(row.created_at).isoformat(),
+            ended_at=_aware(row.ended_at).isoformat() if row.ended_at else None,
+            expires_at=_aware(row.expires_at).isoformat(),
+            connected=bool(live and live.connection is not None),
+            counters=counters,
+            open_incidents=live.engine.open_incidents() if live else [],
+            last_verification_at=_aware(row.last_verification_at).isoformat() if row.last_verification_at else None,
+            policy=EffectivePolicy.model_validate(row.policy),
+            metadata=row.metadata_ or {},
+        )
+
+    async def list_rows(self, state: str | None = None, limit: int = 100) -> list[SessionRow]:
+        def q() -> list[SessionRow]:
+            with self.sm() as db:
+                stmt = select(SessionRow).order_by(SessionRow.created_at.desc()).limit(limit)
+                if state:
+                    stmt = stmt.where(SessionRow.state == state)
+                return list(db.scalars(stmt).all())
+
+        return await asyncio.to_thread(q)

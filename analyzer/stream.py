@@ -1,0 +1,306 @@
+"""WebSocket endpoints: the versioned media stream and the legacy /ws/proctor/... endpoints.
+
+Per message: a bad message is counted, answered with {"type": "error", ...}
+and skipped; the session goes on. Close codes are in proctor.contracts.wire.CloseCode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketState
+
+from analyzer.sessions import LiveSession, SessionClosed, SessionNotFound, Subscriber
+from proctor.contracts.wire import (
+    AUDIO_SAMPLE_RATE,
+    AUDIO_SAMPLE_WIDTH,
+    PROTOCOL_VERSION,
+    CloseCode,
+    Kind,
+    MediaMessage,
+    ProtocolError,
+    decode_media,
+    validate_control,
+)
+from proctor.tokens import TokenError, verify
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _token(ws: WebSocket) -> str | None:
+    tok = ws.query_params.get("token")
+    if tok:
+        return tok
+    auth = ws.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
+async def _close(ws: WebSocket, code: CloseCode, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await ws.close(code=int(code), reason=reason[:120])
+
+
+async def _open(ws: WebSocket, session_id: str, require_token: bool = True) -> LiveSession | None:
+    """Accepts, then checks session and token; closes with a code and reason on failure."""
+    await ws.accept()
+    st = ws.app.state
+    mgr = st.sessions
+    row = await asyncio.to_thread(mgr._db_get, session_id)
+    if row is None:
+        await _close(ws, CloseCode.UNKNOWN_SESSION, f"unknown session {session_id}")
+        return None
+    if row.state != "active":
+        await _close(ws, CloseCode.SESSION_ENDED, f"session {session_id} is {row.state}")
+        return None
+    if require_token:
+        token = _token(ws)
+        if not token:
+            await _close(ws, CloseCode.UNAUTHORIZED, "missing stream token (?token=...)")
+            return None
+        try:
+            verify(st.stream_secret, token, session_id)
+        except TokenError as e:
+            # An API key with a session-reading role is accepted too (proctor dashboards).
+            p = st.keys.lookup(token)
+            if p is None:
+                await _close(ws, CloseCode.UNAUTHORIZED, str(e))
+                return None
+    try:
+        return await mgr.get_live(session_id)
+    except SessionNotFound:
+        await _close(ws, CloseCode.UNKNOWN_SESSION, f"unknown session {session_id}")
+    except SessionClosed as e:
+        await _close(ws, CloseCode.SESSION_ENDED, f"session {session_id} is {e}")
+    return None
+
+
+class MediaConnection:
+    """One client feeding media into a session; also receives alerts, heartbeats and hints."""
+
+    def __init__(self, ws: WebSocket, live: LiveSession, legacy_kind: Kind | None = None) -> None:
+        self.ws = ws
+        self.live = live
+        self.legacy_kind = legacy_kind  # legacy endpoints carry bare payloads of one kind
+        self.settings = ws.app.state.settings
+        self.metrics = ws.app.state.metrics
+        self.sub: Subscriber = live.subscribe(media=True)
+        self._seq = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def error(self, code: str, reason: str, seq: int | None = None) -> None:
+        self.metrics.protocol_errors.labels(code).inc()
+        msg: dict[str, Any] = {"type": "error", "code": code, "reason": reason}
+        if seq is not None:
+            msg["seq"] = seq
+        self.sub.offer(msg, droppable=True)
+
+    async def run(self) -> None:
+        live = self.live
+        old = live.connection
+        if old is not None and old is not self.ws and self.legacy_kind is None:
+            await _close(old, CloseCode.SUPERSEDED, "replaced by a newer connection for this session")
+        if self.legacy_kind in (None, Kind.VIDEO):
+            live.connection = self.ws
+        self.metrics.connected_streams.inc()
+        self.sub.offer(
+            {
+                "type": "hello",
+                "protocol_version": PROTOCOL_VERSION,
+                "session_id": live.id,
+                "video_fps": live.policy.video_fps,
+                "max_frame_bytes": self.settings.max_frame_bytes,
+                "audio": {"sample_rate": AUDIO_SAMPLE_RATE, "format": "s16le", "channels": 1},
+                "heartbeat_s": self.settings.heartbeat_s,
+            }
+        )
+        self._tasks = [
+            asyncio.create_task(self._sender()),
+            asyncio.create_task(self._heartbeat()),
+        ]
+        try:
+            await self._receive_loop()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            live.unsubscribe(self.sub)
+            if live.connection is self.ws:
+                live.connection = None
+            self.metrics.connected_streams.dec()
+
+    async def _sender(self) -> None:
+        try:
+            while True:
+                get = asyncio.create_task(self.sub.queue.get())
+                over = asyncio.create_task(self.sub.overflowed.wait())
+                done, _ = await asyncio.wait({get, over}, return_when=asyncio.FIRST_COMPLETED)
+                if over in done:
+                    get.cancel()
+                    await _close(self.ws, CloseCode.TOO_SLOW, "client does not read its messages")
+                    return
+                over.cancel()
+                msg = get.result()
+                await self.ws.send_text(json.dumps(msg, separators=(",", ":")))
+                if msg.get("type") == "session_ended":
+                    await _close(self.ws, CloseCode.SESSION_ENDED, f"session ended: {msg.get('reason')}")
+                    return
+        except (WebSocketDisconnect, RuntimeError):
+            return
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            self.sub.offer(
+                {"type": "heartbeat", "ts": time.time(), "session_id": self.live.id, "stats": self.live.stats()},
+                droppable=True,
+            )
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is not None:
+                await self._on_binary(data)
+                continue
+            text = message.get("text")
+            if text is not None:
+                self._on_text(text)
+
+    async def _on_binary(self, data: bytes) -> None:
+        live = self.live
+        if self.legacy_kind is not None:
+            self._seq += 1
+            msg = MediaMessage(self.legacy_kind, self._seq, time.time(), data)
+        else:
+            try:
+                msg = decode_media(data)
+            except ProtocolError as e:
+                live.counters.messages_malformed += 1
+                self.error(e.code, e.reason)
+                return
+        if msg.kind is Kind.VIDEO:
+            if len(msg.payload) > self.settings.max_frame_bytes:
+                live.counters.frames_rejected += 1
+                self.error(
+                    "frame_too_large",
+                    f"frame of {len(msg.payload)} bytes exceeds max_frame_bytes={self.settings.max_frame_bytes}",
+                    msg.seq,
+                )
+                return
+            if msg.payload[:2] != b"\xff\xd8":
+                live.counters.frames_rejected += 1
+                self.error("not_jpeg", "video payload is not a JPEG (missing FF D8 start marker)", msg.seq)
+                return
+            live.offer_frame(msg)
+        else:
+            if len(msg.payload) % AUDIO_SAMPLE_WIDTH:
+                live.counters.audio_rejected += 1
+                self.error(
+                    "pcm_odd_length", f"PCM s16le chunk has odd length {len(msg.payload)}; samples are 2 bytes", msg.seq
+                )
+                return
+            if len(msg.payload) > self.settings.max_audio_chunk_bytes:
+                live.counters.audio_rejected += 1
+                self.error(
+                    "audio_chunk_too_large",
+                    f"audio chunk of {len(msg.payload)} bytes exceeds {self.settings.max_audio_chunk_bytes}",
+                    msg.seq,
+                )
+                return
+            await live.offer_audio(msg)
+
+    def _on_text(self, text: str) -> None:
+        live = self.live
+        try:
+            msg = validate_control(json.loads(text))
+        except json.JSONDecodeError:
+            live.counters.messages_malformed += 1
+            self.error("malformed", "text messages must be JSON")
+            return
+        except ProtocolError as e:
+            live.counters.messages_malformed += 1
+            self.error(e.code, e.reason)
+            return
+        if msg["type"] == "ping":
+            self.sub.offer({"type": "pong", "ts": time.time()}, droppable=True)
+            return
+        live.on_control(msg["event"], msg.get("track"), float(msg.get("ts") or time.time()))
+
+
+@router.websocket("/api/v1/session/{session_id}/stream")
+async def media_stream(ws: WebSocket, session_id: str) -> None:
+    live = await _open(ws, session_id)
+    if live is None:
+        return
+    try:
+        await MediaConnection(ws, live).run()
+    except Exception:
+        log.exception("stream handler failed for %s", session_id)
+        if ws.application_state != WebSocketState.DISCONNECTED:
+            await _close(ws, CloseCode.INTERNAL_ERROR, "internal error")
+
+
+async def _legacy_media(ws: WebSocket, session_id: str, kind: Kind) -> None:
+    live = await _open(ws, session_id, require_token=ws.app.state.settings.legacy_ws_auth != "none")
+    if live is None:
+        return
+    try:
+        await MediaConnection(ws, live, legacy_kind=kind).run()
+    except Exception:
+        log.exception("legacy %s handler failed for %s", kind.name, session_id)
+        await _close(ws, CloseCode.INTERNAL_ERROR, "internal error")
+
+
+@router.websocket("/ws/proctor/{session_id}/video")
+async def legacy_video(ws: WebSocket, session_id: str) -> None:
+    """Binary messages, each one whole JPEG; seq and timestamp are assigned on arrival."""
+    await _legacy_media(ws, session_id, Kind.VIDEO)
+
+
+@router.websocket("/ws/proctor/{session_id}/audio")
+async def legacy_audio(ws: WebSocket, session_id: str) -> None:
+    """Binary messages of raw PCM s16le, 16 kHz mono."""
+    await _legacy_media(ws, session_id, Kind.AUDIO)
+
+
+@router.websocket("/ws/proctor/{session_id}/events")
+async def legacy_events(ws: WebSocket, session_id: str) -> None:
+    """JSON alerts out (one canonical alert per text message)."""
+    live = await _open(ws, session_id, require_token=ws.app.state.settings.legacy_ws_auth != "none")
+    if live is None:
+        return
+    sub = live.subscribe()
+    try:
+        recv = asyncio.create_task(ws.receive())
+        while True:
+            get = asyncio.create_task(sub.queue.get())
+            done, _ = await asyncio.wait({get, recv}, return_when=asyncio.FIRST_COMPLETED)
+            if recv in done:
+                get.cancel()
+                if recv.result()["type"] == "websocket.disconnect":
+                    return
+                recv = asyncio.create_task(ws.receive())  # clients may send keepalives; ignored
+                continue
+            msg = get.result()
+            if msg.get("type") == "alert":
+                await ws.send_text(json.dumps(msg["alert"], separators=(",", ":")))
+            elif msg.get("type") == "session_ended":
+                await _close(ws, CloseCode.SESSION_ENDED, "session ended")
+                return
+            if sub.overflowed.is_set():
+                await _close(ws, CloseCode.TOO_SLOW, "client does not read its messages")
+                return
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        live.unsubscribe(sub)

@@ -1,0 +1,1 @@
+"""Alert delivery: the outbox between analyzer and transports, and (later) the transports."""

@@ -1,0 +1,157 @@
+"""`proctor` command line: serve, inspect, analyze, keys, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from analyzer.app import create_app
+    from proctor.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The transport-level cap sits above the application's own limits, so an oversize
+    # frame gets a clear error reply; only absurd messages are cut at this level.
+    ws_max = 4 * max(settings.max_frame_bytes, settings.max_audio_chunk_bytes) + 64
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=ws_max,
+        log_level="info",
+        ws_ping_interval=20,
+        ws_ping_timeout=20,
+    )
+    return 0
+
+
+def _load_models():
+    from analyzer.pipeline import ModelSet
+    from proctor.settings import Settings
+
+    s = Settings()
+    return ModelSet.load(s.face_model, s.face_score_threshold)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from analyzer.offline import inspect_image
+
+    models = _load_models()
+    results = []
+    rc = 0
+    for p in args.images:
+        try:
+            results.append(inspect_image(models, Path(p)))
+        except ValueError as e:
+            results.append({"image": p, "error": str(e)})
+            rc = 1
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=None))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['image']}: ERROR {r['error']}")
+            else:
+                scores = ", ".join(f"{f['score']:.2f}" for f in r["faces"])
+                print(f"{r['image']}: {r['face_count']} face(s) [{scores}]")
+    return rc
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from analyzer.offline import analyze_video
+
+    models = _load_models()
+    try:
+        alerts, summary = analyze_video(models, Path(args.video), fps=args.fps, sensitivity=args.sensitivity)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for offset, a in alerts:
+        if args.json:
+            d = a.model_dump(mode="json")
+            d["offset_s"] = offset
+            print(json.dumps(d))
+        else:
+            ev = a.evidence
+            print(
+                f"{offset:8.2f}s  {a.event_type:<16} {a.incident_state:<8} severity={a.severity_score:.2f} "
+                f"duration={ev.get('duration_s')}s"
+            )
+    if not args.json:
+        print(
+            f"-- {summary['video']}: {summary['duration_s']}s, {summary['frames_analysed']} frames analysed, "
+            f"{summary['incidents']} incident(s)"
+        )
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from analyzer.auth import KeyStore
+    from proctor.db import make_engine, make_sessionmaker
+    from proctor.settings import Settings
+
+    s = Settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    store = KeyStore(make_sessionmaker(make_engine(s.resolved_database_url())))
+    print(store.create(args.role, args.label))
+    return 0
+
+
+def _config(_: argparse.Namespace) -> int:
+    from proctor.settings import Settings
+
+    s = Settings()
+    d = s.model_dump(mode="json")
+    for secret in ("api_keys", "stream_secret"):
+        if d.get(secret):
+            d[secret] = "***"
+    d["database_url"] = s.resolved_database_url()
+    print(json.dumps(d, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="proctor", description="Real-time AI proctoring for LiveKit")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="run the analyzer (embedded defaults: SQLite, in-process outbox)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(fn=_serve)
+
+    p = sub.add_parser("inspect", help="detect faces in images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--json", action="store_true", help="one JSON object per image (a list for several)")
+    p.set_defaults(fn=_inspect)
+
+    p = sub.add_parser("analyze", help="run a recording through the session pipeline and print its alerts")
+    p.add_argument("video")
+    p.add_argument("--json", action="store_true", help="one canonical alert per line, with offset_s")
+    p.add_argument("--fps", type=float, default=5.0, help="analysis rate (default 5)")
+    p.add_argument("--sensitivity", choices=["low", "medium", "high"], default="medium")
+    p.set_defaults(fn=_analyze)
+
+    p = sub.add_parser("keys", help="manage API keys")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True)
+    k = ksub.add_parser("create", help="create a key and print it (shown once)")
+    k.add_argument("--role", choices=["system", "proctor", "admin"], required=True)
+    k.add_argument("--label", default="")
+    k.set_defaults(fn=_keys)
+
+    p = sub.add_parser("config", help="print the effective settings")
+    p.set_defaults(fn=_config)
+
+    args = ap.parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The canonical alert: one model for JSON, JSON Schema (docs/alert.schema.json) and protobuf.
+
+Every message has its own event_id, so a consumer deduplicates at-least-once
+delivery by event_id. The messages of one incident share incident_id; the
+incident's start has incident_state "started" and its end "ended".
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+
+
+class EventType(StrEnum):
+    FACE_NOT_FOUND = "FACE_NOT_FOUND"
+    MULTIPLE_FACES = "MULTIPLE_FACES"
+    # Raised by later stages (vision fusion, audio, agent); listed here so the
+    # schema is stable for consumers from the start.
+    CANDIDATE_ABSENT = "CANDIDATE_ABSENT"
+    FACE_NOT_VISIBLE = "FACE_NOT_VISIBLE"
+    MULTIPLE_PERSONS = "MULTIPLE_PERSONS"
+    PRESENCE_LOSS = "PRESENCE_LOSS"
+    GAZE_OFF_SCREEN = "GAZE_OFF_SCREEN"
+    PROLONGED_LOOK_AWAY = "PROLONGED_LOOK_AWAY"
+    FREQUENT_DISTRACTION = "FREQUENT_DISTRACTION"
+    HEAD_DOWN = "HEAD_DOWN"
+    HEAD_TURNED_AWAY = "HEAD_TURNED_AWAY"
+    SUSPICIOUS_MOVEMENT = "SUSPICIOUS_MOVEMENT"
+    PHONE_DETECTED = "PHONE_DETECTED"
+    LEFT_FRAME = "LEFT_FRAME"
+    HAND_NEAR_EAR = "HAND_NEAR_EAR"
+    CAMERA_OFF = "CAMERA_OFF"
+    MICROPHONE_OFF = "MICROPHONE_OFF"
+    CANDIDATE_DISCONNECTED = "CANDIDATE_DISCONNECTED"
+    FACE_MISMATCH = "FACE_MISMATCH"
+    MULTIPLE_SPEAKERS = "MULTIPLE_SPEAKERS"
+    HIGH_CONFIDENCE_CHEATING = "HIGH_CONFIDENCE_CHEATING"
+
+
+class IncidentState(StrEnum):
+    STARTED = "started"
+    ONGOING = "ongoing"
+    ENDED = "ended"
+
+
+class AlertMetadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    node_id: str = Field(description="Analyzer node that produced the alert")
+    worker_id: str = Field(description="Worker (process / thread pool) within the node")
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Alert(BaseModel):
+    """One proctoring alert in the canonical schema."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+    event_id: str = Field(default_factory=lambda: str(uuid.uuid4()), description="UUID, unique per message")
+    exam_session_id: str
+    candidate_id: str
+    timestamp: str = Field(default_factory=_now_iso, description="ISO 8601, when the observed condition held")
+    event_type: EventType
+    severity_score: float = Field(ge=0.0, le=1.0)
+    ai_model_source: str = Field(description="Model(s) whose output raised the alert")
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    metadata: AlertMetadata
+    # Extensions to the seed schema (optional for consumers):
+    incident_id: str | None = Field(default=None, description="Shared by the messages of one incident")
+    incident_state: IncidentState | None = None
+    schema_version: str = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def ts_to_iso(ts: float) -> str:
+    """Unix seconds -> ISO 8601 UTC."""
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def alert_json_schema() -> dict[str, Any]:
+    return Alert.model_json_schema()

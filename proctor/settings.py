@@ -1,0 +1,84 @@
+"""All settings in one place. Environment variables prefixed PROCTOR_ (or a .env file) override them.
+
+docs/operations.md lists every setting; `proctor config` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROCTOR_", env_file=".env", extra="ignore")
+
+    # --- server
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = Field(
+        default=None, description="Base URL clients use to reach this server (default http://host:port)"
+    )
+    data_dir: Path = Field(default=Path("proctor-data"), description="SQLite database, JSONL outbox, secrets")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/proctor.db (Postgres in production)"
+    )
+    node_id: str = Field(default_factory=socket.gethostname)
+
+    # --- auth
+    api_keys: str = Field(
+        default="",
+        description="Static API keys 'key:role,key:role' (roles: system, proctor, admin), besides those in the DB",
+    )
+    stream_secret: str | None = Field(
+        default=None, description="HMAC secret for stream tokens; generated into data_dir when unset"
+    )
+    stream_token_ttl_s: int = 900
+    legacy_ws_auth: str = Field(
+        default="token",
+        description="Auth on the /ws/proctor/... endpoints: 'token' (stream token as ?token=) or 'none' "
+        "(old clients unchanged; only for sessions started through the authenticated REST API)",
+    )
+    metrics_public: bool = Field(default=False, description="Serve /metrics without an API key")
+
+    # --- sessions
+    session_ttl_s: int = Field(default=4 * 3600, description="An active session expires after this long")
+    ended_session_retention_s: int = Field(default=3600, description="Ended sessions stay queryable this long")
+
+    # --- streaming
+    video_fps: float = Field(default=5.0, description="Frames analysed per second per session")
+    max_frame_bytes: int = Field(default=2 * 1024 * 1024, description="Largest accepted JPEG")
+    max_audio_chunk_bytes: int = 64 * 1024
+    audio_queue_seconds: float = Field(default=10.0, description="Audio buffered per session before backpressure")
+    heartbeat_s: float = 10.0
+    subscriber_queue: int = Field(default=256, description="Messages buffered per events subscriber")
+
+    # --- inference
+    inference_workers: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    face_model: str = Field(default="full", description="BlazeFace variant: full (counting) or short")
+    face_score_threshold: float = Field(
+        default=0.4, description="BlazeFace score threshold (0.3-0.4 count best on webcam frames)"
+    )
+
+    # --- outbox (embedded)
+    outbox_jsonl: Path | None = Field(
+        default=None, description="JSONL copy of every alert; default <data_dir>/alerts.jsonl"
+    )
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'proctor.db').as_posix()}"
+
+    def resolved_outbox_jsonl(self) -> Path:
+        return self.outbox_jsonl or self.data_dir / "alerts.jsonl"
+
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
