@@ -47,6 +47,8 @@ def video_frames(path: Path) -> Iterator[tuple[int, float, np.ndarray]]:
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise ValueError(f"{path}: cannot open video")
+    # Phone recordings carry a rotation tag; OpenCV ignores it unless asked.
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     i = 0
     try:

@@ -1,0 +1,201 @@
+"""Shared fixtures: the shared data folder, a real analyzer server on loopback, a streaming client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+import websockets
+
+from proctor.contracts import wire
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_KEY, SYSTEM_KEY, PROCTOR_KEY = "test-admin-key", "test-system-key", "test-proctor-key"
+
+
+def shared_data() -> Path | None:
+    d = Path(os.environ.get("PROCTOR_SHARED_DATA", REPO.parent / "shared" / "data"))
+    return d if (d / "manifest.csv").exists() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = shared_data()
+    if d is None:
+        pytest.skip("shared data (../shared/data) not available")
+    return d
+
+
+@pytest.fixture(scope="session")
+def oep(data_dir: Path) -> list[dict[str, Any]]:
+    """The labelled OEP exam-webcam frames."""
+    with (data_dir / "faces/webcam_oep/labels.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["path"] = data_dir / r["file"]
+        r["face_count"] = int(r["face_count"])
+    return rows
+
+
+def jpeg_of(path: Path, long_side: int = 640) -> bytes:
+    img = cv2.imread(str(path))
+    h, w = img.shape[:2]
+    s = long_side / max(h, w)
+    if s < 1:
+        img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+
+
+def black_jpeg(w: int = 640, h: int = 480) -> bytes:
+    return cv2.imencode(".jpg", np.zeros((h, w, 3), np.uint8))[1].tobytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A real analyzer (uvicorn + the app) on a loopback port, in a background thread."""
+
+    def __init__(self, tmp: Path, **overrides: Any) -> None:
+        from analyzer.app import create_app
+        from proctor.settings import Settings
+
+        self.port = _free_port()
+        self.settings = Settings(
+            host="127.0.0.1",
+            port=self.port,
+            data_dir=tmp,
+            api_keys=f"{ADMIN_KEY}:admin,{SYSTEM_KEY}:system,{PROCTOR_KEY}:proctor",
+            heartbeat_s=1.0,
+            max_frame_bytes=256 * 1024,
+            inference_workers=2,
+            **overrides,
+        )
+        self.app = create_app(self.settings)
+        ws_max = 4 * max(self.settings.max_frame_bytes, self.settings.max_audio_chunk_bytes) + 64
+        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", ws_max_size=ws_max)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("analyzer server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def http(self, key: str | None = SYSTEM_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base, headers=headers, timeout=30)
+
+    def start_session(self, sid: str, candidate: str = "cand-1", **body: Any) -> dict[str, Any]:
+        with self.http() as c:
+            r = c.post("/api/v1/session/start",
+                       json={"exam_session_id": sid, "candidate_id": candidate, "exam_id": "exam-1", **body})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    def session(self, sid: str) -> dict[str, Any]:
+        with self.http(PROCTOR_KEY) as c:
+            r = c.get(f"/api/v1/session/{sid}")
+            assert r.status_code == 200, r.text
+            return r.json()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    srv = LiveServer(tmp_path_factory.mktemp("analyzer")).start()
+    yield srv
+    srv.stop()
+
+
+class StreamClient:
+    """Speaks the v1 binary protocol; collects every server message with its arrival time."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.messages: list[dict[str, Any]] = []
+        self.closed: tuple[int, str] | None = None
+        self._reader = asyncio.create_task(self._read())
+        self.vseq = 0
+        self.aseq = 0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, url: str):  # type: ignore[no-untyped-def]
+        async with websockets.connect(url, max_size=None) as ws:
+            c = cls(ws)
+            try:
+                yield c
+            finally:
+                c._reader.cancel()
+
+    async def _read(self) -> None:
+        try:
+            async for m in self.ws:
+                if isinstance(m, str):
+                    d = json.loads(m)
+                    d["_rx"] = time.time()
+                    self.messages.append(d)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            if self.ws.close_code is not None:
+                self.closed = (self.ws.close_code, self.ws.close_reason or "")
+
+    async def video(self, jpeg: bytes, ts: float, seq: int | None = None) -> int:
+        self.vseq = self.vseq + 1 if seq is None else seq
+        await self.ws.send(wire.encode_video(self.vseq, ts, jpeg))
+        return self.vseq
+
+    async def audio(self, pcm: bytes, ts: float) -> None:
+        self.aseq += 1
+        await self.ws.send(wire.encode_audio(self.aseq, ts, pcm))
+
+    def of_type(self, t: str) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m.get("type") == t]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return [m["alert"] for m in self.of_type("alert")]
+
+    async def wait_for(self, pred, timeout: float = 20.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for m in self.messages:
+                if pred(m):
+                    return m
+            if self.closed:
+                break
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no matching message in {timeout}s; got {[m.get('type') for m in self.messages]}")
+
+
+def stream_url(cfg: dict[str, Any]) -> str:
+    return f"{cfg['stream_url']}?token={cfg['stream_token']}"

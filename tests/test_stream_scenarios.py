@@ -1,0 +1,144 @@
+"""Real frames over the real WebSocket into a real server: alerts at the right media times."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+
+from analyzer.offline import video_frames
+from tests.conftest import LiveServer, StreamClient, black_jpeg, jpeg_of, stream_url
+
+FPS = 5.0
+PACE = 0.04  # wall seconds per 0.2 s of media: 5x real time, well within what inference sustains here
+
+
+async def play(client: StreamClient, segments: list[tuple[float, list[bytes]]], base: float) -> float:
+    """Sends segments of (duration_s, frames cycled) at FPS with capture timestamps from `base`."""
+    t = 0.0
+    for duration, frames in segments:
+        cyc = itertools.cycle(frames)
+        end = t + duration
+        while t < end - 1e-9:
+            await client.video(next(cyc), base + t)
+            t = round(t + 1 / FPS, 6)
+            await asyncio.sleep(PACE)
+    return t
+
+
+def incident(alerts: list[dict[str, Any]], event_type: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    started = [a for a in alerts if a["event_type"] == event_type and a["incident_state"] == "started"]
+    ended = [a for a in alerts if a["event_type"] == event_type and a["incident_state"] == "ended"]
+    assert len(started) == 1, f"expected one {event_type} incident, got {len(started)}: {alerts}"
+    assert len(ended) == 1 and ended[0]["incident_id"] == started[0]["incident_id"]
+    return started[0], ended[0]
+
+
+def media_offset(alert: dict[str, Any], base: float) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(alert["timestamp"]).timestamp() - base
+
+
+@pytest.fixture(scope="module")
+def frames(oep: list[dict[str, Any]]) -> dict[str, list[bytes]]:
+    by = lambda cond: [jpeg_of(r["path"]) for r in oep if r["condition"] == cond]  # noqa: E731
+    return {"normal": by("normal"), "absent": by("absent"), "peer": by("peer_present")}
+
+
+async def test_face_not_found_on_real_oep_frames(server: LiveServer, frames: dict[str, list[bytes]]) -> None:
+    cfg = server.start_session("oep-absent")
+    base = time.time() - 60
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        await c.wait_for(lambda m: m["type"] == "hello")
+        await play(c, [(3, frames["normal"]), (7, frames["absent"]), (3, frames["normal"])], base)
+        await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["incident_state"] == "ended")
+        alerts = c.alerts()
+    assert {a["event_type"] for a in alerts} == {"FACE_NOT_FOUND"}, alerts
+    start, end = incident(alerts, "FACE_NOT_FOUND")
+    # Absence starts at 3.0 s; "no face > 5 s" fires on the first frame past 8.0 s.
+    assert 8.0 < media_offset(start, base) <= 8.45
+    assert start["evidence"]["face_count"] == 0 and start["evidence"]["threshold_s"] == 5.0
+    assert abs(start["evidence"]["condition_since"] - (base + 3.0)) < 0.01
+    # The face is back at 10.0 s; the incident ends after 1 s of face (hysteresis), lasting 6.8 s.
+    assert 10.7 < media_offset(end, base) < 11.3
+    assert end["evidence"]["duration_s"] == pytest.approx(6.8, abs=0.25)
+    assert 0 <= start["severity_score"] <= 1 and start["ai_model_source"].startswith("mediapipe.blazeface")
+
+    state = server.session("oep-absent")
+    assert state["counters"]["alerts_by_type"] == {"FACE_NOT_FOUND": 1}
+    assert state["counters"]["frames_received"] == 65
+    assert state["counters"]["frames_analysed"] + state["counters"]["frames_dropped"] == 65
+    # Every alert also left through the outbox.
+    lines = [json.loads(x) for x in (server.settings.data_dir / "alerts.jsonl").read_text().splitlines()]
+    assert {a["event_id"] for a in alerts} <= {x["event_id"] for x in lines}
+
+
+async def test_multiple_faces_on_real_peer_frames(server: LiveServer, frames: dict[str, list[bytes]]) -> None:
+    cfg = server.start_session("oep-peer")
+    base = time.time() - 60
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        await play(c, [(2, frames["normal"]), (5, frames["peer"]), (3, frames["normal"])], base)
+        await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["incident_state"] == "ended")
+        alerts = c.alerts()
+    assert {a["event_type"] for a in alerts} == {"MULTIPLE_FACES"}, alerts
+    start, end = incident(alerts, "MULTIPLE_FACES")
+    # A second person from 2.0 s; "> 1 face > 3 s" fires just after 5.0 s (one missed detection allowed).
+    assert 5.0 < media_offset(start, base) <= 5.7
+    assert start["evidence"]["face_count"] >= 2
+    assert 7.7 < media_offset(end, base) < 8.3
+    assert end["evidence"]["duration_s"] == pytest.approx(4.8, abs=0.5)
+
+
+async def test_no_alert_for_brief_absence(server: LiveServer, frames: dict[str, list[bytes]]) -> None:
+    cfg = server.start_session("oep-brief")
+    base = time.time() - 60
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        await play(c, [(2, frames["normal"]), (4.8, frames["absent"]), (2, frames["normal"])], base)
+        await asyncio.sleep(0.5)
+        assert c.alerts() == []
+
+
+def _video_jpegs(path: Path) -> tuple[list[tuple[float, bytes]], float]:
+    out = []
+    for _, t, rgb in video_frames(path):
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        out.append((t, cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()))
+    return out, out[-1][0]
+
+
+@pytest.mark.parametrize(
+    "video", ["proctoring_ai__center_focus.mp4", "proctoring_ai__center_left_center.mp4",
+              "face_recognition__short_hamilton_clip.mp4"]
+)
+async def test_shared_videos_then_candidate_leaves(server: LiveServer, data_dir: Path, video: str) -> None:
+    """Each clip streamed at its own frame rate raises nothing (a face is always back within 5 s and crowds
+    last < 3 s); then the candidate leaves (black frames for 7 s) and FACE_NOT_FOUND fires 5 s later."""
+    frames, dur = _video_jpegs(data_dir / "video" / video)
+    sid = "vid-" + video.split("__")[1].split(".")[0].replace("_", "-")
+    cfg = server.start_session(sid)
+    base = time.time() - 120
+    black = black_jpeg()
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        step = frames[1][0] - frames[0][0]
+        for t, jpg in frames:
+            await c.video(jpg, base + t)
+            await asyncio.sleep(step / 5)
+        leave = dur + step
+        t = leave
+        while t < leave + 7:
+            await c.video(black, base + t)
+            t += step
+            await asyncio.sleep(step / 5)
+        await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["event_type"] == "FACE_NOT_FOUND")
+        alerts = c.alerts()
+    assert [a["event_type"] for a in alerts] == ["FACE_NOT_FOUND"], alerts
+    assert 5.0 < media_offset(alerts[0], base) - leave < 5.5
+    st = server.session(sid)["counters"]
+    assert st["frames_analysed"] >= 0.8 * (leave + 7) * 5  # ~5 fps analysed out of 24-30 fps sent
