@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -106,16 +107,19 @@ class Subscriber:
 
     def __init__(self, maxsize: int, media: bool = False) -> None:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
-        self.overflowed = asyncio.Event()
+        self.overflowed = False
+        self.on_overflow: Callable[[], None] | None = None
         self.media = media  # the media stream connection also gets per-frame errors and flow hints
 
     def offer(self, msg: dict[str, Any], droppable: bool = False) -> None:
         try:
             self.queue.put_nowait(msg)
         except asyncio.QueueFull:
-            if not droppable:
+            if not droppable and not self.overflowed:
                 # Alerts stay in the outbox; a client that does not read is cut off, not buffered forever.
-                self.overflowed.set()
+                self.overflowed = True
+                if self.on_overflow is not None:
+                    self.on_overflow()
 
 
 class LiveSession:
@@ -425,7 +429,11 @@ class SessionManager:
         live = self.live.pop(sid, None)
         self.metrics.active_sessions.set(len(self.live))
         if live is not None:
-            await live.close(reason)
+            await live.close(reason)  # its last messages tell connected clients; their senders then close
+            for _ in range(50):
+                if live.connection is None:
+                    break
+                await asyncio.sleep(0.02)
             if live.connection is not None:
                 with contextlib.suppress(Exception):
                     await live.connection.close(code=4408, reason=f"session {state}")

@@ -42,6 +42,15 @@ def _token(ws: WebSocket) -> str | None:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)  # keep a reference until done
+    task.add_done_callback(_background.discard)
+
+
 async def _close(ws: WebSocket, code: CloseCode, reason: str) -> None:
     with contextlib.suppress(Exception):
         await ws.close(code=int(code), reason=reason[:120])
@@ -91,6 +100,7 @@ class MediaConnection:
         self.settings = ws.app.state.settings
         self.metrics = ws.app.state.metrics
         self.sub: Subscriber = live.subscribe(media=True)
+        self.sub.on_overflow = lambda: _spawn(_close(ws, CloseCode.TOO_SLOW, "client does not read its messages"))
         self._seq = 0
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -139,15 +149,7 @@ class MediaConnection:
     async def _sender(self) -> None:
         try:
             while True:
-                get = asyncio.create_task(self.sub.queue.get())
-                over = asyncio.create_task(self.sub.overflowed.wait())
-                done, _ = await asyncio.wait({get, over}, return_when=asyncio.FIRST_COMPLETED)
-                if over in done:
-                    get.cancel()
-                    await _close(self.ws, CloseCode.TOO_SLOW, "client does not read its messages")
-                    return
-                over.cancel()
-                msg = get.result()
+                msg = await self.sub.queue.get()
                 await self.ws.send_text(json.dumps(msg, separators=(",", ":")))
                 if msg.get("type") == "session_ended":
                     await _close(self.ws, CloseCode.SESSION_ENDED, f"session ended: {msg.get('reason')}")
@@ -280,27 +282,29 @@ async def legacy_events(ws: WebSocket, session_id: str) -> None:
     if live is None:
         return
     sub = live.subscribe()
+    sub.on_overflow = lambda: _spawn(_close(ws, CloseCode.TOO_SLOW, "client does not read its messages"))
+
+    async def drain_client() -> None:
+        # Clients may send keepalives; they are ignored. A disconnect ends the handler.
+        while (await ws.receive())["type"] != "websocket.disconnect":
+            pass
+
+    reader = asyncio.create_task(drain_client())
     try:
-        recv = asyncio.create_task(ws.receive())
-        while True:
+        while not reader.done():
             get = asyncio.create_task(sub.queue.get())
-            done, _ = await asyncio.wait({get, recv}, return_when=asyncio.FIRST_COMPLETED)
-            if recv in done:
+            await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
                 get.cancel()
-                if recv.result()["type"] == "websocket.disconnect":
-                    return
-                recv = asyncio.create_task(ws.receive())  # clients may send keepalives; ignored
-                continue
+                break
             msg = get.result()
             if msg.get("type") == "alert":
                 await ws.send_text(json.dumps(msg["alert"], separators=(",", ":")))
             elif msg.get("type") == "session_ended":
                 await _close(ws, CloseCode.SESSION_ENDED, "session ended")
-                return
-            if sub.overflowed.is_set():
-                await _close(ws, CloseCode.TOO_SLOW, "client does not read its messages")
-                return
+                break
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
+        reader.cancel()
         live.unsubscribe(sub)

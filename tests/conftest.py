@@ -73,11 +73,11 @@ def _free_port() -> int:
 class LiveServer:
     """A real analyzer (uvicorn + the app) on a loopback port, in a background thread."""
 
-    def __init__(self, tmp: Path, **overrides: Any) -> None:
+    def __init__(self, tmp: Path, port: int | None = None, **overrides: Any) -> None:
         from analyzer.app import create_app
         from proctor.settings import Settings
 
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.settings = Settings(
             host="127.0.0.1",
             port=self.port,

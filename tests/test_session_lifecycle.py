@@ -1,0 +1,121 @@
+"""Session lifecycle over the real server: heartbeats, reconnects, legacy endpoints, end, metrics, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets
+
+from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, stream_url
+
+
+async def test_hello_and_heartbeat_with_stats(server: LiveServer) -> None:
+    cfg = server.start_session("hb-1")
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        hello = await c.wait_for(lambda m: m["type"] == "hello")
+        assert hello["protocol_version"] == 1 and hello["video_fps"] == 5.0
+        await c.video(black_jpeg(), time.time())
+        hb = await c.wait_for(lambda m: m["type"] == "heartbeat", timeout=5)
+        assert {"frames_processed", "alerts_triggered", "last_face_verification"} <= hb["stats"].keys()
+        await c.ws.send('{"type": "ping"}')
+        await c.wait_for(lambda m: m["type"] == "pong")
+    assert server.session("hb-1")["connected"] is False
+
+
+async def test_newer_connection_supersedes_and_keeps_rule_state(server: LiveServer) -> None:
+    cfg = server.start_session("re-1")
+    base = time.time() - 30
+    black = black_jpeg()
+    async with StreamClient.connect(stream_url(cfg)) as first:
+        for i in range(15):  # 3 s without a face
+            await first.video(black, base + i * 0.2)
+            await asyncio.sleep(0.03)
+        async with StreamClient.connect(stream_url(cfg)) as second:
+            await asyncio.sleep(0.3)
+            assert first.closed is not None and first.closed[0] == 4409
+            for i in range(15, 30):  # 3 s more: the 5 s rule fires across the reconnect
+                await second.video(black, base + i * 0.2)
+                await asyncio.sleep(0.03)
+            alert = await second.wait_for(lambda m: m["type"] == "alert")
+    assert alert["alert"]["event_type"] == "FACE_NOT_FOUND"
+    assert alert["alert"]["evidence"]["first_frame_seq"] == 1
+
+
+async def test_legacy_endpoints(server: LiveServer) -> None:
+    cfg = server.start_session("legacy-1")
+    tok = cfg["stream_token"]
+    ev_url = cfg["legacy_endpoints"]["events"] + f"?token={tok}"
+    async with websockets.connect(ev_url) as events, websockets.connect(
+        cfg["legacy_endpoints"]["video"] + f"?token={tok}"
+    ) as video, websockets.connect(cfg["legacy_endpoints"]["audio"] + f"?token={tok}") as audio:
+        await audio.send(np.zeros(1600, np.int16).tobytes())  # 100 ms of PCM
+        black = black_jpeg()
+        t_end = time.time() + 6.5  # legacy frames are timestamped on arrival: real time
+        while time.time() < t_end:
+            await video.send(black)
+            await asyncio.sleep(0.1)
+        alert = json.loads(await asyncio.wait_for(events.recv(), 5))
+    assert alert["event_type"] == "FACE_NOT_FOUND" and alert["exam_session_id"] == "legacy-1"
+    st = server.session("legacy-1")["counters"]
+    assert st["audio_seconds"] == pytest.approx(0.1)
+
+
+async def test_end_closes_incidents_and_stream(server: LiveServer) -> None:
+    cfg = server.start_session("end-1")
+    base = time.time() - 30
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        for i in range(30):
+            await c.video(black_jpeg(), base + i * 0.2)
+            await asyncio.sleep(0.03)
+        await c.wait_for(lambda m: m["type"] == "alert")
+        with server.http() as h:
+            r = h.post("/api/v1/session/end-1/end")
+        assert r.status_code == 200 and r.json()["state"] == "ended"
+        ended = await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["incident_state"] == "ended")
+        assert ended["alert"]["evidence"]["end_reason"] == "ended_by_api"
+        await asyncio.sleep(0.3)
+        assert c.closed is not None and c.closed[0] == 4408
+    st = server.session("end-1")
+    assert st["state"] == "ended" and st["counters"]["frames_received"] == 30
+    # An ended session takes no more streams.
+    async with websockets.connect(stream_url(cfg)) as ws:
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 4408
+
+
+def test_metrics_and_admin_views(server: LiveServer) -> None:
+    server.start_session("adm-1")
+    with server.http(ADMIN_KEY) as c:
+        text = c.get("/metrics").text
+        for name in ("proctor_frames_total", "proctor_inference_seconds", "proctor_active_sessions",
+                     "proctor_queue_depth", "proctor_alerts_total"):
+            assert name in text
+        sessions = c.get("/api/v1/admin/sessions", params={"state": "active"}).json()["sessions"]
+        assert "adm-1" in {s["exam_session_id"] for s in sessions}
+        stats = c.get("/api/v1/admin/stats").json()
+        assert stats["active_sessions"] >= 1 and stats["dispatcher"]["ok"] is True
+        ready = c.get("/.well-known/ready").json()
+        assert ready["ready"] is True and ready["models"]["face"].startswith("mediapipe")
+
+
+async def test_session_survives_analyzer_restart(tmp_path: Path) -> None:
+    srv = LiveServer(tmp_path).start()
+    try:
+        cfg = srv.start_session("restart-1")
+    finally:
+        srv.stop()
+    srv2 = LiveServer(tmp_path, port=srv.port).start()  # same data dir: sessions and stream secret persist
+    try:
+        async with StreamClient.connect(stream_url(cfg)) as c:
+            await c.wait_for(lambda m: m["type"] == "hello")
+            await c.audio(np.zeros(1600, np.int16).tobytes(), time.time())
+            await asyncio.sleep(0.3)
+        assert srv2.session("restart-1")["counters"]["audio_seconds"] == pytest.approx(0.1)
+    finally:
+        srv2.stop()
