@@ -54,7 +54,7 @@ class ModelSet:
         return cls(face=BlazeFaceDetector(variant=variant, score_threshold=score_threshold))
 
     def describe(self) -> dict[str, Any]:
-        return {"face": self.face.name}
+        return {"face": self.face.name, "models_verified": bool(getattr(self.face, "verified", False))}
 
     def analyze_rgb(self, rgb: np.ndarray, seq: int, ts: float) -> FrameSignals:
         t0 = time.perf_counter()

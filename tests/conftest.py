@@ -117,8 +117,10 @@ class LiveServer:
 
     def start_session(self, sid: str, candidate: str = "cand-1", **body: Any) -> dict[str, Any]:
         with self.http() as c:
-            r = c.post("/api/v1/session/start",
-                       json={"exam_session_id": sid, "candidate_id": candidate, "exam_id": "exam-1", **body})
+            r = c.post(
+                "/api/v1/session/start",
+                json={"exam_session_id": sid, "candidate_id": candidate, "exam_id": "exam-1", **body},
+            )
             assert r.status_code == 200, r.text
             return r.json()
 
@@ -185,7 +187,7 @@ class StreamClient:
     def alerts(self) -> list[dict[str, Any]]:
         return [m["alert"] for m in self.of_type("alert")]
 
-    async def wait_for(self, pred, timeout: float = 20.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    async def wait_for(self, pred, timeout: float = 20.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
         deadline = time.time() + timeout
         while time.time() < deadline:
             for m in self.messages:

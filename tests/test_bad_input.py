@@ -41,8 +41,10 @@ def test_session_start_validation_and_conflicts(server: LiveServer) -> None:
         r = c.post("/api/v1/session/start", json={"candidate_id": "c", "exam_id": "e"})
         assert r.status_code == 422
         assert any("exam_session_id" in d["loc"] for d in r.json()["detail"])
-        r = c.post("/api/v1/session/start",
-                   json={"exam_session_id": "v1", "candidate_id": "c", "exam_id": "e", "features_enabled": ["x-ray"]})
+        r = c.post(
+            "/api/v1/session/start",
+            json={"exam_session_id": "v1", "candidate_id": "c", "exam_id": "e", "features_enabled": ["x-ray"]},
+        )
         assert r.status_code == 422 and "x-ray" in r.text
         r = c.post("/api/v1/session/start", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422
@@ -102,8 +104,15 @@ async def test_bad_messages_are_answered_counted_and_the_session_goes_on(server:
         await c.wait_for(lambda m: m["type"] == "error" and m["code"] == "undecodable_jpeg")
         await c.video(face, now + 0.6)  # fine
         errs = [
-            "malformed", "unsupported_version", "malformed", "malformed", "malformed",
-            "frame_too_large", "not_jpeg", "pcm_odd_length", "undecodable_jpeg",
+            "malformed",
+            "unsupported_version",
+            "malformed",
+            "malformed",
+            "malformed",
+            "frame_too_large",
+            "not_jpeg",
+            "pcm_odd_length",
+            "undecodable_jpeg",
         ]
         got = [m["code"] for m in c.of_type("error")]
         assert sorted(got) == sorted(errs), got

@@ -50,9 +50,11 @@ async def test_legacy_endpoints(server: LiveServer) -> None:
     cfg = server.start_session("legacy-1")
     tok = cfg["stream_token"]
     ev_url = cfg["legacy_endpoints"]["events"] + f"?token={tok}"
-    async with websockets.connect(ev_url) as events, websockets.connect(
-        cfg["legacy_endpoints"]["video"] + f"?token={tok}"
-    ) as video, websockets.connect(cfg["legacy_endpoints"]["audio"] + f"?token={tok}") as audio:
+    async with (
+        websockets.connect(ev_url) as events,
+        websockets.connect(cfg["legacy_endpoints"]["video"] + f"?token={tok}") as video,
+        websockets.connect(cfg["legacy_endpoints"]["audio"] + f"?token={tok}") as audio,
+    ):
         await audio.send(np.zeros(1600, np.int16).tobytes())  # 100 ms of PCM
         black = black_jpeg()
         t_end = time.time() + 6.5  # legacy frames are timestamped on arrival: real time
@@ -93,8 +95,13 @@ def test_metrics_and_admin_views(server: LiveServer) -> None:
     server.start_session("adm-1")
     with server.http(ADMIN_KEY) as c:
         text = c.get("/metrics").text
-        for name in ("proctor_frames_total", "proctor_inference_seconds", "proctor_active_sessions",
-                     "proctor_queue_depth", "proctor_alerts_total"):
+        for name in (
+            "proctor_frames_total",
+            "proctor_inference_seconds",
+            "proctor_active_sessions",
+            "proctor_queue_depth",
+            "proctor_alerts_total",
+        ):
             assert name in text
         sessions = c.get("/api/v1/admin/sessions", params={"state": "active"}).json()["sessions"]
         assert "adm-1" in {s["exam_session_id"] for s in sessions}
@@ -119,3 +126,26 @@ async def test_session_survives_analyzer_restart(tmp_path: Path) -> None:
         assert srv2.session("restart-1")["counters"]["audio_seconds"] == pytest.approx(0.1)
     finally:
         srv2.stop()
+
+
+async def test_audio_flood_is_never_dropped(server: LiveServer) -> None:
+    """60 s of audio sent as fast as the socket takes it: every sample is accounted for."""
+    cfg = server.start_session("audio-flood")
+    chunk = (np.sin(np.arange(1600) / 5) * 8000).astype(np.int16).tobytes()  # 100 ms
+    t0 = time.time()
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        for i in range(600):
+            await c.audio(chunk, t0 + i * 0.1)
+        await c.ws.send('{"type": "ping"}')
+        await c.wait_for(lambda m: m["type"] == "pong")
+        for _ in range(100):
+            if server.session("audio-flood")["counters"]["audio_seconds"] >= 60:
+                break
+            await asyncio.sleep(0.05)
+        flows = c.of_type("flow")
+    st = server.session("audio-flood")["counters"]
+    assert st["audio_chunks"] == 600 and st["audio_seconds"] == pytest.approx(60.0)
+    assert st["audio_rejected"] == 0
+    # Any slow-down hint is followed by a resume once the queue drained.
+    if flows:
+        assert flows[-1]["audio"] == "resume"

@@ -114,8 +114,12 @@ def _video_jpegs(path: Path) -> tuple[list[tuple[float, bytes]], float]:
 
 
 @pytest.mark.parametrize(
-    "video", ["proctoring_ai__center_focus.mp4", "proctoring_ai__center_left_center.mp4",
-              "face_recognition__short_hamilton_clip.mp4"]
+    "video",
+    [
+        "proctoring_ai__center_focus.mp4",
+        "proctoring_ai__center_left_center.mp4",
+        "face_recognition__short_hamilton_clip.mp4",
+    ],
 )
 async def test_shared_videos_then_candidate_leaves(server: LiveServer, data_dir: Path, video: str) -> None:
     """Each clip streamed at its own frame rate raises nothing (a face is always back within 5 s and crowds

@@ -30,6 +30,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from analyzer.detectors.base import Box, Face
+from analyzer.detectors.manifest import verify
 
 KEYPOINT_NAMES: tuple[str, ...] = (
     "right_eye",
@@ -191,6 +192,7 @@ class BlazeFaceDetector:
         # Bytes are read once; each thread builds its own Interpreter from them
         # because a LiteRT Interpreter must not be invoked from two threads at once.
         self._model = path.read_bytes()
+        self.verified = verify(self.name.removeprefix("mediapipe."), self._model) if not model_path else False
         self._local = threading.local()
         self._anchors = ssd_anchors(self._v.input_size, self._v.strides, self._v.interpolated_scale_aspect_ratio)
         # Build one interpreter now so a wrong model fails at construction, not mid-stream.

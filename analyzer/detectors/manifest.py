@@ -1,0 +1,32 @@
+"""Checks model files against models/manifest.json (source, license, sha256)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
+
+
+@lru_cache
+def _entries() -> dict[str, dict[str, str]]:
+    if not MANIFEST.exists():
+        return {}
+    return {m["name"]: m for m in json.loads(MANIFEST.read_text())["models"]}
+
+
+def verify(name: str, data: bytes) -> bool:
+    """True when the bytes match the manifest's sha256; logs why not otherwise."""
+    entry = _entries().get(name)
+    if entry is None:
+        log.warning("model %s is not listed in %s", name, MANIFEST)
+        return False
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        log.warning("model %s: sha256 %s differs from the manifest's %s", name, digest, entry["sha256"])
+        return False
+    return True

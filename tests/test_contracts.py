@@ -1,0 +1,115 @@
+"""Wire protocol, stream tokens, alert schema and sampler."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from analyzer.pipeline import Sampler
+from proctor.contracts import wire
+from proctor.contracts.alerts import Alert, AlertMetadata, alert_json_schema
+from proctor.tokens import TokenError, mint, verify
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_media_roundtrip_and_header_layout() -> None:
+    ts = 1_790_000_000.123456
+    data = wire.encode_video(7, ts, b"\xff\xd8jpeg")
+    assert len(data) == wire.HEADER_SIZE + 6 == 22
+    assert data[:2] == b"\x01\x01" and data[4:8] == (7).to_bytes(4, "big")
+    m = wire.decode_media(data)
+    assert (m.kind, m.seq, m.payload) == (wire.Kind.VIDEO, 7, b"\xff\xd8jpeg")
+    assert m.capture_ts == pytest.approx(ts, abs=1e-6)
+    assert wire.decode_media(wire.encode_audio(2**32 + 5, ts, b"\0\0")).seq == 5  # wraps
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", "malformed"),
+        (b"\x01\x01", "malformed"),
+        (bytes([2, 1]) + bytes(14) + b"x", "unsupported_version"),
+        (bytes([1, 9]) + bytes(14) + b"x", "malformed"),
+        (bytes([1, 1]) + bytes(14), "malformed"),
+    ],
+)
+def test_bad_media_headers(data: bytes, code: str) -> None:
+    with pytest.raises(wire.ProtocolError) as e:
+        wire.decode_media(data)
+    assert e.value.code == code and e.value.reason
+
+
+def test_control_validation() -> None:
+    assert wire.validate_control({"type": "control", "event": "track_muted", "track": "camera"})
+    assert wire.validate_control({"type": "control", "event": "participant_left"})
+    for bad in (
+        [],
+        {"type": 1},
+        {"type": "control", "event": "track_muted"},
+        {"type": "nope"},
+        {"type": "control", "event": "track_muted", "track": "camera", "ts": "x"},
+    ):
+        with pytest.raises(wire.ProtocolError):
+            wire.validate_control(bad)
+
+
+def test_stream_tokens() -> None:
+    secret = b"s3cret"
+    tok, exp = mint(secret, "sess-1", 60)
+    verify(secret, tok, "sess-1")
+    assert exp > time.time()
+    with pytest.raises(TokenError, match="another session"):
+        verify(secret, tok, "sess-2")
+    with pytest.raises(TokenError, match="signature"):
+        verify(b"other", tok, "sess-1")
+    with pytest.raises(TokenError, match="expired"):
+        verify(secret, tok, "sess-1", now=time.time() + 120)
+    with pytest.raises(TokenError, match="malformed"):
+        verify(secret, "abc", "sess-1")
+
+
+def test_alert_schema_doc_matches_model() -> None:
+    doc = REPO / "docs" / "alert.schema.json"
+    if not doc.exists():
+        pytest.skip("docs/alert.schema.json not generated")
+    assert json.loads(doc.read_text()) == json.loads(json.dumps(alert_json_schema(), sort_keys=True))
+
+
+def test_alert_validates_fields() -> None:
+    a = Alert(
+        exam_session_id="s",
+        candidate_id="c",
+        event_type="FACE_NOT_FOUND",
+        severity_score=0.5,
+        ai_model_source="m",
+        metadata=AlertMetadata(node_id="n", worker_id="w"),
+    )
+    assert len(a.event_id) == 36 and a.timestamp.endswith("+00:00")
+    with pytest.raises(ValueError):
+        Alert(
+            exam_session_id="s",
+            candidate_id="c",
+            event_type="NOPE",
+            severity_score=0.5,
+            ai_model_source="m",
+            metadata=AlertMetadata(node_id="n", worker_id="w"),
+        )
+    with pytest.raises(ValueError):
+        Alert(
+            exam_session_id="s",
+            candidate_id="c",
+            event_type="FACE_NOT_FOUND",
+            severity_score=1.5,
+            ai_model_source="m",
+            metadata=AlertMetadata(node_id="n", worker_id="w"),
+        )
+
+
+def test_sampler_keeps_the_rate_by_capture_time() -> None:
+    s = Sampler(5.0)
+    picked = [i for i in range(240) if s.due(i / 24)]  # 10 s of 24 fps
+    assert 48 <= len(picked) <= 51

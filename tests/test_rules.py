@@ -1,0 +1,116 @@
+"""Rule engine on synthetic signal sequences: thresholds, timing edges, hysteresis, policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from analyzer.detectors.base import Box, Face
+from analyzer.rules.engine import RuleEngine
+from analyzer.rules.policy import effective_policy
+from analyzer.signals import FrameSignals
+from proctor.contracts.api import SessionStartRequest
+
+FACE = Face(Box(100, 100, 80, 80), 0.9)
+
+
+def engine(**kw) -> RuleEngine:  # type: ignore[no-untyped-def]
+    req = SessionStartRequest(exam_session_id="s", candidate_id="c", exam_id="e", **kw)
+    return RuleEngine(effective_policy(req, 5.0))
+
+
+def run(e: RuleEngine, counts: list[tuple[float, int]]) -> list:  # type: ignore[type-arg]
+    out = []
+    for i, (t, n) in enumerate(counts):
+        out += e.observe(FrameSignals(seq=i, ts=t, width=640, height=480, faces=[FACE] * n, model="m"))
+    return out
+
+
+def seq(start: float, end: float, n: int, fps: float = 10.0) -> list[tuple[float, int]]:
+    k = round((end - start) * fps)
+    return [(round(start + i / fps, 4), n) for i in range(k)]
+
+
+@pytest.mark.parametrize(("duration", "fires"), [(2.9, False), (3.0, False), (3.1, True)])
+def test_multiple_faces_timing_edge(duration: float, fires: bool) -> None:
+    # Two faces seen from t=1.0 through t=1.0+duration (inclusive), then one face.
+    e = engine()
+    counts = seq(0, 1, 1) + [(round(1 + i / 10, 4), 2) for i in range(round(duration * 10) + 1)]
+    counts += seq(1 + duration + 0.1, 1 + duration + 3, 1)
+    events = run(e, counts)
+    started = [ev for ev in events if ev.state == "started"]
+    assert bool(started) is fires
+    if fires:
+        assert started[0].event_type == "MULTIPLE_FACES"
+        assert started[0].ts == pytest.approx(1 + duration)
+        ended = [ev for ev in events if ev.state == "ended"]
+        assert len(ended) == 1 and ended[0].incident_id == started[0].incident_id
+        assert ended[0].evidence["duration_s"] == pytest.approx(duration)
+
+
+@pytest.mark.parametrize(("duration", "fires"), [(4.9, False), (5.1, True)])
+def test_face_not_found_timing_edge(duration: float, fires: bool) -> None:
+    e = engine()
+    counts = seq(0, 1, 1) + [(round(1 + i / 10, 4), 0) for i in range(round(duration * 10) + 1)] + seq(7, 9, 1)
+    assert any(ev.state == "started" for ev in run(e, counts)) is fires
+
+
+def test_one_incident_not_one_alert_per_frame() -> None:
+    e = engine()
+    events = run(e, seq(0, 60, 0))  # a minute without a face
+    assert [(ev.event_type, ev.state) for ev in events] == [("FACE_NOT_FOUND", "started")]
+    assert e.open_incidents()[0]["event_type"] == "FACE_NOT_FOUND"
+
+
+def test_flicker_neither_resets_nor_ends() -> None:
+    e = engine()
+    # 0 faces for 4 s with a single spurious detection at 2.0 s: still one continuous absence.
+    counts = [(t, 1 if t == 2.0 else 0) for t, _ in seq(0, 5.5, 0)]
+    events = run(e, counts)
+    assert [ev.state for ev in events] == ["started"]
+    assert events[0].evidence["condition_since"] == 0.0
+    # During the incident a 0.5 s return of the face does not end it (clear_after_s = 1.0).
+    events = run(e, [(5.5 + i / 10, 1) for i in range(5)] + seq(6.0, 8.0, 0))
+    assert events == []
+    # A face for more than 1 s ends it, once.
+    events = run(e, seq(8.0, 10.0, 1))
+    assert [ev.state for ev in events] == ["ended"]
+    assert events[0].ts == pytest.approx(8.9)  # 1.0 s after the last frame without a face (7.9 s)
+
+
+def test_gap_in_frames_restarts_a_pending_condition() -> None:
+    e = engine()
+    # 3 s without a face, then no frames for 10 s (camera muted), then 1 s without a face.
+    events = run(e, seq(0, 3, 0) + seq(13, 14, 0))
+    assert events == []
+
+
+def test_close_all_ends_open_incidents() -> None:
+    e = engine()
+    run(e, seq(0, 6, 0))
+    events = e.close_all(6.0, "session_ended")
+    assert [(ev.state, ev.evidence["end_reason"]) for ev in events] == [("ended", "session_ended")]
+    assert e.close_all(7.0, "again") == []
+
+
+def test_sensitivity_presets_and_overrides() -> None:
+    high = effective_policy(
+        SessionStartRequest(exam_session_id="s", candidate_id="c", exam_id="e", sensitivity="high"), 5.0
+    )
+    low = effective_policy(
+        SessionStartRequest(exam_session_id="s", candidate_id="c", exam_id="e", sensitivity="low"), 5.0
+    )
+    assert high.rules["FACE_NOT_FOUND"].trigger_after_s < 5.0 < low.rules["FACE_NOT_FOUND"].trigger_after_s
+    e = engine(rules={"MULTIPLE_FACES": {"trigger_after_s": 1.0}})
+    assert any(ev.state == "started" for ev in run(e, seq(0, 1.2, 2)))
+    e = engine(features_enabled={"multiple_faces": False})
+    assert run(e, seq(0, 10, 3)) == []
+    e = engine(rules={"FACE_NOT_FOUND": {"enabled": False}})
+    assert run(e, seq(0, 10, 0)) == []
+    with pytest.raises(ValueError, match="unknown rules"):
+        engine(rules={"NOT_A_RULE": {"enabled": False}})
+
+
+def test_severity_in_range_and_grows_with_faces() -> None:
+    two = next(ev for ev in run(engine(), seq(0, 4, 2)) if ev.state == "started")
+    five = next(ev for ev in run(engine(), seq(0, 4, 5)) if ev.state == "started")
+    assert 0 < two.severity < five.severity <= 1
