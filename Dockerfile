@@ -1,0 +1,16 @@
+# The analyzer service (the same image runs the dispatcher and agent once they exist).
+FROM python:3.11-slim
+RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proctor ./proctor
+COPY analyzer ./analyzer
+COPY dispatcher ./dispatcher
+COPY agent ./agent
+COPY models ./models
+RUN pip install --no-cache-dir -e .
+ENV PROCTOR_HOST=0.0.0.0 PROCTOR_PORT=8080 PROCTOR_DATA_DIR=/data
+VOLUME /data
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/.well-known/ready')" || exit 1
+CMD ["proctor", "serve"]
