@@ -48,7 +48,7 @@ class ModelSet:
         self.face = face
 
     @classmethod
-    def load(cls, variant: str = "full", score_threshold: float = 0.5) -> ModelSet:
+    def load(cls, variant: str = "full", score_threshold: float = 0.4) -> ModelSet:
         from analyzer.detectors.blazeface import BlazeFaceDetector
 
         return cls(face=BlazeFaceDetector(variant=variant, score_threshold=score_threshold))

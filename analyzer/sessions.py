@@ -29,7 +29,7 @@ from analyzer.rules.policy import effective_policy
 from dispatcher.outbox import AlertSink
 from proctor.contracts.alerts import Alert, AlertMetadata, IncidentState, ts_to_iso
 from proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
-from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, ControlEvent, MediaMessage
+from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode, ControlEvent, MediaMessage
 from proctor.db import AuditRow, SessionRow, utcnow
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,9 @@ class LiveSession:
                 self.m.metrics.frames.labels("rejected").inc()
                 self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
                 self.broadcast(
-                    {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq}, media_only=True
+                    {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq},
+                    droppable=True,
+                    media_only=True,
                 )
                 continue
             except Exception:
@@ -436,7 +438,7 @@ class SessionManager:
                 await asyncio.sleep(0.02)
             if live.connection is not None:
                 with contextlib.suppress(Exception):
-                    await live.connection.close(code=4408, reason=f"session {state}")
+                    await live.connection.close(code=int(CloseCode.SESSION_ENDED), reason=f"session {state}")
 
         def finish() -> SessionRow:
             with self.sm.begin() as db:
@@ -479,8 +481,20 @@ class SessionManager:
                     if s.expires_at <= now:
                         await self._expire(sid)
                 await self.flush_counters()
+                await asyncio.to_thread(self.prune_ended)
             except Exception:
                 log.exception("housekeeping failed")
+
+    def prune_ended(self) -> int:
+        """Deletes ended / expired sessions past their retention: session state is short-lived."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.ended_session_retention_s)
+        with self.sm.begin() as db:
+            rows = db.scalars(
+                select(SessionRow).where(SessionRow.state != "active", SessionRow.ended_at < cutoff)
+            ).all()
+            for row in rows:
+                db.delete(row)
+            return len(rows)
 
     async def shutdown(self) -> None:
         await self.flush_counters()

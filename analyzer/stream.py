@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
+from analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS
 from analyzer.sessions import LiveSession, SessionClosed, SessionNotFound, Subscriber
 from proctor.contracts.wire import (
     AUDIO_SAMPLE_RATE,
@@ -28,7 +29,7 @@ from proctor.contracts.wire import (
     decode_media,
     validate_control,
 )
-from proctor.tokens import TokenError, verify
+from proctor.tokens import TokenError, verify, verify_signature
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -56,11 +57,39 @@ async def _close(ws: WebSocket, code: CloseCode, reason: str) -> None:
         await ws.close(code=int(code), reason=reason[:120])
 
 
-async def _open(ws: WebSocket, session_id: str, require_token: bool = True) -> LiveSession | None:
-    """Accepts, then checks session and token; closes with a code and reason on failure."""
+async def _open(
+    ws: WebSocket, session_id: str, require_token: bool = True, key_roles: frozenset[str] = CAN_MANAGE_SESSIONS
+) -> LiveSession | None:
+    """Accepts, authenticates, then checks the session; closes with a code and reason on failure.
+
+    Credentials are checked before the session is looked up, so an anonymous client
+    cannot probe which session ids exist. Accepted: a stream token for this session,
+    or an API key whose role is in key_roles.
+    """
     await ws.accept()
     st = ws.app.state
     mgr = st.sessions
+    token_error: str | None = None
+    if require_token:
+        token = _token(ws)
+        if not token:
+            await _close(ws, CloseCode.UNAUTHORIZED, "missing stream token (?token=...)")
+            return None
+        principal = st.keys.lookup(token)
+        if principal is not None:
+            if principal.role not in key_roles:
+                await _close(ws, CloseCode.UNAUTHORIZED, f"role '{principal.role}' may not use this endpoint")
+                return None
+        else:
+            try:
+                verify_signature(st.stream_secret, token)
+            except TokenError as e:
+                await _close(ws, CloseCode.UNAUTHORIZED, str(e))
+                return None
+            try:
+                verify(st.stream_secret, token, session_id)
+            except TokenError as e:
+                token_error = str(e)  # reported after the session check: the caller holds a real token
     row = await asyncio.to_thread(mgr._db_get, session_id)
     if row is None:
         await _close(ws, CloseCode.UNKNOWN_SESSION, f"unknown session {session_id}")
@@ -68,19 +97,9 @@ async def _open(ws: WebSocket, session_id: str, require_token: bool = True) -> L
     if row.state != "active":
         await _close(ws, CloseCode.SESSION_ENDED, f"session {session_id} is {row.state}")
         return None
-    if require_token:
-        token = _token(ws)
-        if not token:
-            await _close(ws, CloseCode.UNAUTHORIZED, "missing stream token (?token=...)")
-            return None
-        try:
-            verify(st.stream_secret, token, session_id)
-        except TokenError as e:
-            # An API key with a session-reading role is accepted too (proctor dashboards).
-            p = st.keys.lookup(token)
-            if p is None:
-                await _close(ws, CloseCode.UNAUTHORIZED, str(e))
-                return None
+    if token_error:
+        await _close(ws, CloseCode.UNAUTHORIZED, token_error)
+        return None
     try:
         return await mgr.get_live(session_id)
     except SessionNotFound:
@@ -119,21 +138,20 @@ class MediaConnection:
         if self.legacy_kind in (None, Kind.VIDEO):
             live.connection = self.ws
         self.metrics.connected_streams.inc()
-        self.sub.offer(
-            {
-                "type": "hello",
-                "protocol_version": PROTOCOL_VERSION,
-                "session_id": live.id,
-                "video_fps": live.policy.video_fps,
-                "max_frame_bytes": self.settings.max_frame_bytes,
-                "audio": {"sample_rate": AUDIO_SAMPLE_RATE, "format": "s16le", "channels": 1},
-                "heartbeat_s": self.settings.heartbeat_s,
-            }
-        )
-        self._tasks = [
-            asyncio.create_task(self._sender()),
-            asyncio.create_task(self._heartbeat()),
-        ]
+        self._tasks = [asyncio.create_task(self._sender())]
+        if self.legacy_kind is None:  # legacy clients expect no hello or heartbeats on their media sockets
+            self.sub.offer(
+                {
+                    "type": "hello",
+                    "protocol_version": PROTOCOL_VERSION,
+                    "session_id": live.id,
+                    "video_fps": live.policy.video_fps,
+                    "max_frame_bytes": self.settings.max_frame_bytes,
+                    "audio": {"sample_rate": AUDIO_SAMPLE_RATE, "format": "s16le", "channels": 1},
+                    "heartbeat_s": self.settings.heartbeat_s,
+                }
+            )
+            self._tasks.append(asyncio.create_task(self._heartbeat()))
         try:
             await self._receive_loop()
         except WebSocketDisconnect:
@@ -193,6 +211,7 @@ class MediaConnection:
         if msg.kind is Kind.VIDEO:
             if len(msg.payload) > self.settings.max_frame_bytes:
                 live.counters.frames_rejected += 1
+                self.metrics.frames.labels("rejected").inc()
                 self.error(
                     "frame_too_large",
                     f"frame of {len(msg.payload)} bytes exceeds max_frame_bytes={self.settings.max_frame_bytes}",
@@ -201,18 +220,21 @@ class MediaConnection:
                 return
             if msg.payload[:2] != b"\xff\xd8":
                 live.counters.frames_rejected += 1
+                self.metrics.frames.labels("rejected").inc()
                 self.error("not_jpeg", "video payload is not a JPEG (missing FF D8 start marker)", msg.seq)
                 return
             live.offer_frame(msg)
         else:
             if len(msg.payload) % AUDIO_SAMPLE_WIDTH:
                 live.counters.audio_rejected += 1
+                self.metrics.audio_chunks.labels("rejected").inc()
                 self.error(
                     "pcm_odd_length", f"PCM s16le chunk has odd length {len(msg.payload)}; samples are 2 bytes", msg.seq
                 )
                 return
             if len(msg.payload) > self.settings.max_audio_chunk_bytes:
                 live.counters.audio_rejected += 1
+                self.metrics.audio_chunks.labels("rejected").inc()
                 self.error(
                     "audio_chunk_too_large",
                     f"audio chunk of {len(msg.payload)} bytes exceeds {self.settings.max_audio_chunk_bytes}",
@@ -278,7 +300,9 @@ async def legacy_audio(ws: WebSocket, session_id: str) -> None:
 @router.websocket("/ws/proctor/{session_id}/events")
 async def legacy_events(ws: WebSocket, session_id: str) -> None:
     """JSON alerts out (one canonical alert per text message)."""
-    live = await _open(ws, session_id, require_token=ws.app.state.settings.legacy_ws_auth != "none")
+    live = await _open(
+        ws, session_id, require_token=ws.app.state.settings.legacy_ws_auth != "none", key_roles=CAN_READ_SESSIONS
+    )
     if live is None:
         return
     sub = live.subscribe()

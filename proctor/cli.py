@@ -70,7 +70,10 @@ def _analyze(args: argparse.Namespace) -> int:
 
     models = _load_models()
     try:
-        alerts, summary = analyze_video(models, Path(args.video), fps=args.fps, sensitivity=args.sensitivity)
+        from proctor.settings import Settings
+
+        fps = args.fps or Settings().video_fps
+        alerts, summary = analyze_video(models, Path(args.video), fps=fps, sensitivity=args.sensitivity)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -113,7 +116,9 @@ def _config(_: argparse.Namespace) -> int:
     for secret in ("api_keys", "stream_secret"):
         if d.get(secret):
             d[secret] = "***"
-    d["database_url"] = s.resolved_database_url()
+    from sqlalchemy.engine import make_url
+
+    d["database_url"] = make_url(s.resolved_database_url()).render_as_string(hide_password=True)
     print(json.dumps(d, indent=2))
     return 0
 
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("analyze", help="run a recording through the session pipeline and print its alerts")
     p.add_argument("video")
     p.add_argument("--json", action="store_true", help="one canonical alert per line, with offset_s")
-    p.add_argument("--fps", type=float, default=5.0, help="analysis rate (default 5)")
+    p.add_argument("--fps", type=float, default=None, help="analysis rate (default PROCTOR_VIDEO_FPS, 5)")
     p.add_argument("--sensitivity", choices=["low", "medium", "high"], default="medium")
     p.set_defaults(fn=_analyze)
 

@@ -28,6 +28,23 @@ def mint(secret: bytes, session_id: str, ttl_s: int, now: float | None = None) -
     return f"{body}.{sig}", float(int(exp))
 
 
+def verify_signature(secret: bytes, token: str, now: float | None = None) -> dict:
+    """Checks signature and expiry only; returns the claims. Raises TokenError."""
+    try:
+        body, sig = token.split(".")
+        expected = _b64(hmac.new(secret, body.encode(), hashlib.sha256).digest())
+        if not hmac.compare_digest(sig, expected):
+            raise TokenError("invalid stream token signature")
+        claims = json.loads(_unb64(body))
+    except TokenError:
+        raise
+    except Exception:
+        raise TokenError("malformed stream token") from None
+    if (now or time.time()) > claims.get("exp", 0):
+        raise TokenError("stream token expired; request a new one with POST /api/v1/session/{id}/token")
+    return claims
+
+
 def verify(secret: bytes, token: str, session_id: str, now: float | None = None) -> None:
     """Raises TokenError with a reason a client can act on."""
     try:

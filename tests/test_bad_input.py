@@ -34,6 +34,8 @@ def test_rest_auth_and_roles(server: LiveServer) -> None:
         assert c.get("/.well-known/health").status_code == 200
         assert c.get("/metrics").status_code == 401
         assert c.get("/api/v1/session/auth-1").status_code == 401
+    with server.http(PROCTOR_KEY) as c:
+        assert c.get("/metrics").status_code == 403
 
 
 def test_session_start_validation_and_conflicts(server: LiveServer) -> None:
@@ -81,8 +83,19 @@ async def test_websocket_unknown_session_and_bad_tokens(server: LiveServer) -> N
     expired, _ = mint(server.app.state.stream_secret, "tok-1", ttl_s=60, now=time.time() - 3600)
     code, reason = await _close_of(cfg["stream_url"] + f"?token={expired}")
     assert code == 4401 and "expired" in reason
-    code, _ = await _close_of(f"{ws_base}/ws/proctor/ghost/video")
+    code, _ = await _close_of(f"{ws_base}/ws/proctor/ghost/video?token={cfg['stream_token']}")
     assert code == 4404
+    # Anonymous clients cannot probe which sessions exist.
+    code, _ = await _close_of(f"{ws_base}/api/v1/session/ghost/stream")
+    assert code == 4401
+    code, _ = await _close_of(f"{ws_base}/api/v1/session/ghost/stream?token=garbage")
+    assert code == 4401
+    # A read-only proctor key may watch alerts but not push media into a session.
+    code, reason = await _close_of(cfg["stream_url"] + f"?token={PROCTOR_KEY}")
+    assert code == 4401 and "proctor" in reason
+    async with websockets.connect(cfg["legacy_endpoints"]["events"] + f"?token={PROCTOR_KEY}") as ws:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws.recv(), 0.3)  # connected, nothing to say yet
 
 
 async def test_bad_messages_are_answered_counted_and_the_session_goes_on(server: LiveServer, oep: list) -> None:

@@ -39,8 +39,10 @@ async def metrics(request: Request) -> Response:
     if not st.settings.metrics_public:
         key = key_from_request(request)
         p = st.keys.lookup(key) if key else None
-        if p is None or p.role not in CAN_ADMIN:
+        if p is None:
             raise HTTPException(401, "metrics need an admin API key (or PROCTOR_METRICS_PUBLIC=true)")
+        if p.role not in CAN_ADMIN:
+            raise HTTPException(403, f"role '{p.role}' may not read metrics (needs admin)")
     st.metrics.queue_depth.labels("audio").set(sum(s._audio_bytes for s in st.sessions.live.values()))
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -81,7 +81,11 @@ class DurationRule:
         if self._last_seen is not None and s.ts - self._last_seen > MAX_EVIDENCE_GAP_S and self._active is None:
             self._onset = None
         if self._last_seen is not None and s.ts < self._last_seen:
-            return out  # out-of-order sample: ignore rather than corrupt durations
+            if self._last_seen - s.ts <= 1.0:
+                return out  # a late sample: ignore rather than corrupt durations
+            # The client's clock stepped back: durations across the step mean nothing, start over.
+            out.extend(self.close(s.ts, "clock_reset"))
+            self._last_true = None
         self._last_seen = s.ts
         hit = self.condition(s)
         value = self.measure(s)

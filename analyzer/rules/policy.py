@@ -41,7 +41,7 @@ def effective_policy(req: SessionStartRequest, default_fps: float) -> EffectiveP
     rules: dict[str, RulePolicy] = {}
     unknown = sorted(set(req.rules) - set(RULE_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown rules {unknown}; known: {sorted(RULE_DEFAULTS)}")
+        raise ValueError(f"unknown rules {unknown}; known: {sorted(str(k) for k in RULE_DEFAULTS)}")
     for name, d in RULE_DEFAULTS.items():
         o = req.rules.get(name)
         rules[name] = RulePolicy(

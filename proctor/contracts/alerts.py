@@ -57,7 +57,7 @@ class AlertMetadata(BaseModel):
 
 
 def _now_iso() -> str:
-    return datetime.now(UTC).isoformat()
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class Alert(BaseModel):
@@ -85,8 +85,16 @@ class Alert(BaseModel):
 
 def ts_to_iso(ts: float) -> str:
     """Unix seconds -> ISO 8601 UTC."""
-    return datetime.fromtimestamp(ts, UTC).isoformat()
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")
+
+
+class _SerializedAlert(Alert):
+    # What goes over the wire always carries every field, defaults included.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True, title="Alert")
 
 
 def alert_json_schema() -> dict[str, Any]:
-    return Alert.model_json_schema()
+    schema = _SerializedAlert.model_json_schema(mode="serialization")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://github.com/livekit-proctor/livekit-proctor/docs/alert.schema.json"
+    return schema
