@@ -119,7 +119,9 @@ class MediaConnection:
         self.settings = ws.app.state.settings
         self.metrics = ws.app.state.metrics
         self.sub: Subscriber = live.subscribe(media=True)
-        self.sub.on_overflow = lambda: _spawn(_close(ws, CloseCode.TOO_SLOW, "client does not read its messages"))
+        if legacy_kind is None:
+            self.sub.on_overflow = lambda: _spawn(_close(ws, CloseCode.TOO_SLOW, "client does not read its messages"))
+        # else: legacy media clients may never read; what they miss is on /events and in the outbox.
         self._seq = 0
         self._tasks: list[asyncio.Task[Any]] = []
 
