@@ -1,0 +1,124 @@
+"""The `proctor` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from proctor.contracts.alerts import Alert
+
+
+def proctor(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proctor.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def test_inspect_json_counts_faces(data_dir: Path, oep: list[dict[str, Any]]) -> None:
+    normal = [str(r["path"]) for r in oep if r["condition"] == "normal"][:3]
+    absent = [str(r["path"]) for r in oep if r["condition"] == "absent"]
+    couple = str(data_dir / "faces/multi_face/deepface__couple.jpg")
+    r = proctor("inspect", *normal, *absent, couple, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [o["face_count"] for o in out] == [1, 1, 1, 0, 2]
+    face = out[0]["faces"][0]
+    assert {"box", "score", "keypoints"} <= face.keys() and 0 < face["score"] <= 1
+    single = json.loads(proctor("inspect", couple, "--json").stdout)
+    assert single["face_count"] == 2 and single["models"]["models_verified"] is True
+
+
+def test_inspect_reports_unreadable_files(tmp_path: Path) -> None:
+    bad = tmp_path / "x.jpg"
+    bad.write_bytes(b"not an image")
+    r = proctor("inspect", str(bad), "--json")
+    assert r.returncode == 1 and "not a readable image" in json.loads(r.stdout)["error"]
+    assert "Traceback" not in r.stderr
+
+
+def test_analyze_recording_gives_alerts_at_their_offsets(tmp_path: Path, oep: list[dict[str, Any]]) -> None:
+    """A 10 fps recording: candidate for 3 s, gone for 7 s, back for 3 s."""
+    img = cv2.imread(str(next(r["path"] for r in oep if r["condition"] == "normal")))
+    h, w = img.shape[:2]
+    path = tmp_path / "exam.avi"
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for i in range(130):
+        vw.write(img if i < 30 or i >= 100 else np.zeros_like(img))
+    vw.release()
+    r = proctor("analyze", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [(x["event_type"], x["incident_state"]) for x in lines] == [
+        ("FACE_NOT_FOUND", "started"),
+        ("FACE_NOT_FOUND", "ended"),
+    ]
+    assert 8.0 < lines[0]["offset_s"] <= 8.3 and 10.8 <= lines[1]["offset_s"] <= 11.2
+    for x in lines:
+        x.pop("offset_s")
+        Alert.model_validate(x)  # canonical schema
+    text = proctor("analyze", str(path))
+    assert "FACE_NOT_FOUND" in text.stdout and "1 incident(s)" in text.stdout
+
+
+def test_analyze_shared_video_without_incident(data_dir: Path) -> None:
+    r = proctor("analyze", str(data_dir / "video/proctoring_ai__center_focus.mp4"), "--json")
+    assert r.returncode == 0 and r.stdout.strip() == ""
+
+
+def test_analyze_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    r = proctor("analyze", str(tmp_path / "nope.mp4"))
+    assert r.returncode == 1 and "cannot open video" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["keys", "create", "--role", "system"], ["config"]])
+def test_keys_and_config(tmp_path: Path, args: list[str]) -> None:
+    r = proctor(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    if args[0] == "keys":
+        assert r.stdout.startswith("pk_")
+    else:
+        assert json.loads(r.stdout)["video_fps"] == 5.0
+
+
+def test_serve_first_start_prints_a_working_admin_key(tmp_path: Path) -> None:
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCTOR_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proctor.cli", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/.well-known/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        key = (tmp_path / "proctor-data/bootstrap-admin.key").read_text().strip()
+        r = httpx.get(f"{base}/api/v1/admin/stats", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["active_sessions"] == 0
+        assert httpx.get(f"{base}/api/v1/admin/stats").status_code == 401
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert key in out  # shown once on first start
