@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -57,11 +58,30 @@ def _announce_bootstrap_key(settings: Settings, key: str) -> None:
     print(banner, flush=True)
 
 
+class RedactTokens(logging.Filter):
+    """Keeps stream tokens and keys passed as ?token= out of access logs."""
+
+    _pattern = re.compile(r"([?&](?:token|api_key)=)[^&\s\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _install_redaction() -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in lg.filters):
+            lg.addFilter(RedactTokens())
+
+
 def create_app(settings: Settings | None = None, models: ModelSet | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _install_redaction()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url())
         sm = make_sessionmaker(engine)

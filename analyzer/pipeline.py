@@ -99,15 +99,22 @@ class InferencePool:
 
 
 class Sampler:
-    """Picks frames at the session's analysis rate, by capture time."""
+    """Picks frames at the session's analysis rate, by capture time, on a fixed grid.
+
+    A grid (next += interval) rather than "interval since the last pick" keeps the
+    rate exact: 24 fps sampled at 5 fps gives 5 frames a second, not 4.8.
+    """
 
     def __init__(self, fps: float) -> None:
         self.interval = 1.0 / fps
-        self._last: float | None = None
+        self._next: float | None = None
 
     def due(self, ts: float) -> bool:
-        # 10% slack so a 24 fps source sampled at 5 fps does not alias down to 4.8 fps.
-        if self._last is None or ts - self._last >= self.interval * 0.9 or ts < self._last - 1.0:
-            self._last = ts
+        nxt = self._next
+        if nxt is None or ts - nxt > self.interval or ts < nxt - self.interval - 1.0:
+            self._next = ts + self.interval  # first frame, a gap in the stream, or the clock stepped back
+            return True
+        if ts >= nxt - 1e-3:
+            self._next = nxt + self.interval
             return True
         return False

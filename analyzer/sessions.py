@@ -70,6 +70,7 @@ class Counters:
             frames_received=self.frames_received,
             frames_analysed=self.frames_analysed,
             frames_dropped=self.frames_dropped,
+            frames_sampled_out=self.frames_sampled_out,
             frames_rejected=self.frames_rejected,
             audio_chunks=self.audio_chunks,
             audio_seconds=round(self.audio_bytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH), 3),
@@ -80,7 +81,7 @@ class Counters:
 
     def to_json(self) -> dict[str, Any]:
         d = self.public().model_dump()
-        d["frames_sampled_out"] = self.frames_sampled_out
+        d["audio_bytes"] = self.audio_bytes  # exact; audio_seconds is rounded
         return d
 
     @classmethod
@@ -97,7 +98,9 @@ class Counters:
             "messages_malformed",
         ):
             setattr(c, k, int(d.get(k, 0)))
-        c.audio_bytes = int(float(d.get("audio_seconds", 0)) * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
+        c.audio_bytes = int(
+            d.get("audio_bytes", float(d.get("audio_seconds", 0)) * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
+        )
         c.alerts_by_type = Counter(d.get("alerts_by_type", {}))
         return c
 
@@ -344,6 +347,9 @@ class SessionManager:
         self._lock = asyncio.Lock()
 
     # ---- database helpers (run in threads)
+
+    async def row(self, sid: str) -> SessionRow | None:
+        return await asyncio.to_thread(self._db_get, sid)
 
     def _db_get(self, sid: str) -> SessionRow | None:
         with self.sm() as db:

@@ -90,7 +90,7 @@ async def _open(
                 verify(st.stream_secret, token, session_id)
             except TokenError as e:
                 token_error = str(e)  # reported after the session check: the caller holds a real token
-    row = await asyncio.to_thread(mgr._db_get, session_id)
+    row = await mgr.row(session_id)
     if row is None:
         await _close(ws, CloseCode.UNKNOWN_SESSION, f"unknown session {session_id}")
         return None

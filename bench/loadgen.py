@@ -300,7 +300,9 @@ class SessionResult:
 
 
 class Session:
-    def __init__(self, index: int, args: argparse.Namespace, media: Media, http: httpx.AsyncClient, run_id: str):
+    def __init__(
+        self, index: int, args: argparse.Namespace, media: Media, http: httpx.AsyncClient, run_id: str
+    ) -> None:
         self.args = args
         self.media = media
         self.http = http

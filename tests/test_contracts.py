@@ -112,4 +112,26 @@ def test_alert_validates_fields() -> None:
 def test_sampler_keeps_the_rate_by_capture_time() -> None:
     s = Sampler(5.0)
     picked = [i for i in range(240) if s.due(i / 24)]  # 10 s of 24 fps
-    assert 48 <= len(picked) <= 51
+    assert len(picked) == 50
+    s = Sampler(5.0)
+    assert sum(s.due(i / 30) for i in range(300)) == 50  # 10 s of 30 fps
+    s = Sampler(5.0)
+    assert [s.due(t) for t in (0.0, 0.1, 5.0, 5.1, 5.2, 1.0)] == [True, False, True, False, True, True]
+
+
+def test_access_logs_never_show_tokens() -> None:
+    import logging
+
+    from analyzer.app import RedactTokens
+
+    rec = logging.LogRecord(
+        "uvicorn.error",
+        logging.INFO,
+        "",
+        0,
+        '%s - "WebSocket %s" [accepted]',
+        ("127.0.0.1:5", "/api/v1/session/s/stream?token=abc.def&x=1"),
+        None,
+    )
+    RedactTokens().filter(rec)
+    assert "abc.def" not in rec.getMessage() and "token=***&x=1" in rec.getMessage()

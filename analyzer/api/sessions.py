@@ -83,9 +83,7 @@ async def end_session(session_id: str, request: Request, who: Manager) -> Sessio
 @router.get("/{session_id}", response_model=SessionState)
 async def get_session(session_id: str, request: Request, who: Reader) -> SessionState:
     mgr = _mgr(request)
-    import asyncio
-
-    row = await asyncio.to_thread(mgr._db_get, session_id)
+    row = await mgr.row(session_id)
     if row is None:
         raise HTTPException(404, f"unknown session {session_id}")
     return mgr.state_of(row)

@@ -100,6 +100,7 @@ class SessionCounters(BaseModel):
     frames_received: int = 0
     frames_analysed: int = 0
     frames_dropped: int = 0
+    frames_sampled_out: int = 0
     frames_rejected: int = 0
     audio_chunks: int = 0
     audio_seconds: float = 0.0
