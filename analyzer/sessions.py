@@ -179,6 +179,14 @@ class LiveSession:
         self._frame = (msg, time.perf_counter())
         self._frame_ready.set()
 
+    def reject_frame(self) -> None:
+        self.counters.frames_rejected += 1
+        self.m.metrics.frames.labels("rejected").inc()
+
+    def reject_audio(self) -> None:
+        self.counters.audio_rejected += 1
+        self.m.metrics.audio_chunks.labels("rejected").inc()
+
     async def offer_audio(self, msg: MediaMessage) -> None:
         """Queues audio without loss; waits (TCP backpressure) when the bound is reached."""
         n = len(msg.payload)
@@ -225,8 +233,7 @@ class LiveSession:
             try:
                 sig = await self.m.pool.run(self.m.models.analyze_jpeg, msg.payload, msg.seq, msg.capture_ts)
             except FrameDecodeError as e:
-                self.counters.frames_rejected += 1
-                self.m.metrics.frames.labels("rejected").inc()
+                self.reject_frame()
                 self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
                 self.broadcast(
                     {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq},

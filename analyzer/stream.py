@@ -210,40 +210,33 @@ class MediaConnection:
                 live.counters.messages_malformed += 1
                 self.error(e.code, e.reason)
                 return
+        n = len(msg.payload)
         if msg.kind is Kind.VIDEO:
-            if len(msg.payload) > self.settings.max_frame_bytes:
-                live.counters.frames_rejected += 1
-                self.metrics.frames.labels("rejected").inc()
-                self.error(
+            if n > self.settings.max_frame_bytes:
+                problem = (
                     "frame_too_large",
-                    f"frame of {len(msg.payload)} bytes exceeds max_frame_bytes={self.settings.max_frame_bytes}",
-                    msg.seq,
+                    f"frame of {n} bytes exceeds max_frame_bytes={self.settings.max_frame_bytes}",
                 )
+            elif msg.payload[:2] != b"\xff\xd8":
+                problem = ("not_jpeg", "video payload is not a JPEG (missing FF D8 start marker)")
+            else:
+                live.offer_frame(msg)
                 return
-            if msg.payload[:2] != b"\xff\xd8":
-                live.counters.frames_rejected += 1
-                self.metrics.frames.labels("rejected").inc()
-                self.error("not_jpeg", "video payload is not a JPEG (missing FF D8 start marker)", msg.seq)
-                return
-            live.offer_frame(msg)
+            live.reject_frame()
+            self.error(*problem, msg.seq)
         else:
-            if len(msg.payload) % AUDIO_SAMPLE_WIDTH:
-                live.counters.audio_rejected += 1
-                self.metrics.audio_chunks.labels("rejected").inc()
-                self.error(
-                    "pcm_odd_length", f"PCM s16le chunk has odd length {len(msg.payload)}; samples are 2 bytes", msg.seq
-                )
-                return
-            if len(msg.payload) > self.settings.max_audio_chunk_bytes:
-                live.counters.audio_rejected += 1
-                self.metrics.audio_chunks.labels("rejected").inc()
-                self.error(
+            if n % AUDIO_SAMPLE_WIDTH:
+                problem = ("pcm_odd_length", f"PCM s16le chunk has odd length {n}; samples are 2 bytes")
+            elif n > self.settings.max_audio_chunk_bytes:
+                problem = (
                     "audio_chunk_too_large",
-                    f"audio chunk of {len(msg.payload)} bytes exceeds {self.settings.max_audio_chunk_bytes}",
-                    msg.seq,
+                    f"audio chunk of {n} bytes exceeds {self.settings.max_audio_chunk_bytes}",
                 )
+            else:
+                await live.offer_audio(msg)
                 return
-            await live.offer_audio(msg)
+            live.reject_audio()
+            self.error(*problem, msg.seq)
 
     def _on_text(self, text: str) -> None:
         live = self.live
