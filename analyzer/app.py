@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
         if key:
             _announce_bootstrap_key(settings, key)
         st.stream_secret = _stream_secret(settings)
-        st.models = models or await asyncio.to_thread(ModelSet.load, settings.face_model, settings.face_score_threshold)
+        st.models = models or await asyncio.to_thread(ModelSet.from_settings, settings)
         st.pool = pool = InferencePool(settings.inference_workers, metrics)
         st.sink = SqlOutbox(sm, settings.resolved_outbox_jsonl())
         st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics)

@@ -14,7 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from analyzer.pipeline import ModelSet, Sampler
+from analyzer.pipeline import ModelClock, ModelSet, Sampler
 from analyzer.rules.engine import RuleEngine, RuleEvent
 from analyzer.rules.policy import effective_policy
 from proctor.contracts.alerts import Alert, AlertMetadata, IncidentState, ts_to_iso
@@ -79,6 +79,7 @@ def analyze_video(
     policy = effective_policy(req, fps)
     engine = RuleEngine(policy)
     sampler = Sampler(policy.video_fps)
+    clock = ModelClock()
     base = time.time()  # alert timestamps: analysis start + offset in the recording
     out: list[tuple[float, Alert]] = []
     analysed = 0
@@ -109,12 +110,13 @@ def analyze_video(
         if not sampler.due(t):
             continue
         analysed += 1
-        to_alerts(engine.observe(models.analyze_rgb(rgb, i, t)))
+        to_alerts(engine.observe(models.analyze_rgb(rgb, i, t, clock)))
     to_alerts(engine.close_all(last_t, "recording_ended"))
     summary = {
         "video": str(path),
         "duration_s": round(last_t, 3),
         "frames_analysed": analysed,
         "incidents": sum(1 for _, a in out if a.incident_state == IncidentState.STARTED),
+        "risk": engine.risk_summary(last_t),
     }
     return out, summary

@@ -22,12 +22,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from analyzer.evidence import FeedbackLimiter, thumbnail_b64
 from analyzer.metrics import Metrics
-from analyzer.pipeline import FrameDecodeError, InferencePool, ModelSet, Sampler
+from analyzer.pipeline import FrameDecodeError, InferencePool, ModelClock, ModelSet, Sampler
 from analyzer.rules.engine import RuleEngine, RuleEvent
 from analyzer.rules.policy import effective_policy
 from dispatcher.outbox import AlertSink
-from proctor.contracts.alerts import Alert, AlertMetadata, IncidentState, ts_to_iso
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, ts_to_iso
 from proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
 from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode, ControlEvent, MediaMessage
 from proctor.db import AuditRow, SessionRow, utcnow
@@ -63,6 +64,7 @@ class Counters:
     audio_bytes: int = 0
     audio_rejected: int = 0
     messages_malformed: int = 0
+    feedback_sent: int = 0
     alerts_by_type: Counter[str] = field(default_factory=Counter)
 
     def public(self) -> SessionCounters:
@@ -76,6 +78,7 @@ class Counters:
             audio_seconds=round(self.audio_bytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH), 3),
             audio_rejected=self.audio_rejected,
             messages_malformed=self.messages_malformed,
+            feedback_sent=self.feedback_sent,
             alerts_by_type=dict(self.alerts_by_type),
         )
 
@@ -96,6 +99,7 @@ class Counters:
             "audio_chunks",
             "audio_rejected",
             "messages_malformed",
+            "feedback_sent",
         ):
             setattr(c, k, int(d.get(k, 0)))
         c.audio_bytes = int(
@@ -158,9 +162,14 @@ class LiveSession:
         self.audio_paused_hint = False
         self.track_state: dict[str, str] = {}
         self._control_task: asyncio.Task[None] | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+        self.clock = ModelClock()
+        self.last_frame_at: float | None = None  # wall time of the last frame received
+        self.feedback = FeedbackLimiter()
         self._tasks = [
             asyncio.create_task(self._video_worker(), name=f"video:{self.id}"),
             asyncio.create_task(self._audio_worker(), name=f"audio:{self.id}"),
+            asyncio.create_task(self._watchdog(), name=f"watchdog:{self.id}"),
         ]
 
     # ---- ingest (called by the WebSocket handler on the event loop)
@@ -169,6 +178,12 @@ class LiveSession:
         self.counters.frames_received += 1
         self.m.metrics.frames.labels("received").inc()
         self.last_media_ts = msg.capture_ts
+        now = time.time()
+        if self.last_frame_at is None or now - self.last_frame_at > 1.0:
+            ended = self.engine.control(EventType.CAMERA_OFF, False, now, "frames_resumed")
+            if ended:
+                self._spawn(self.emit(ended))
+        self.last_frame_at = now
         if not self.sampler.due(msg.capture_ts):
             self.counters.frames_sampled_out += 1
             self.m.metrics.frames.labels("sampled_out").inc()
@@ -212,13 +227,49 @@ class LiveSession:
             self.broadcast({"type": "flow", "audio": "resume", "audio_queue_fill": round(fill, 3)})
 
     def on_control(self, event: str, track: str | None, ts: float) -> None:
-        """Track and participant state from the client (CAMERA_OFF & co. come with the vision rules)."""
+        """Track and participant state from the client: CAMERA_OFF, MICROPHONE_OFF, CANDIDATE_DISCONNECTED."""
         self.track_state[track or "participant"] = event
-        camera_gone = track == "camera" and event in (ControlEvent.TRACK_MUTED, ControlEvent.TRACK_ENDED)
-        if camera_gone or event == ControlEvent.PARTICIPANT_LEFT:
-            # Without video there is no evidence: open face incidents end, pending ones start over.
-            reason = f"{track or 'participant'}:{event}"
-            self._control_task = asyncio.create_task(self.emit(self.engine.close_all(ts, reason)))
+        now = time.time()  # state rules run on wall time: they are about the connection, not the pictures
+        reason = f"{track or 'participant'}:{event}"
+        off = event in (ControlEvent.TRACK_MUTED, ControlEvent.TRACK_ENDED)
+        events: list[RuleEvent] = []
+        if track == "camera":
+            if off:
+                # Without video there is no evidence: open frame incidents end, pending ones start over.
+                events += self.engine.reset_frames(ts, reason)
+            events += self.engine.control(EventType.CAMERA_OFF, off, now, reason)
+        elif track == "microphone":
+            events += self.engine.control(EventType.MICROPHONE_OFF, off, now, reason)
+        elif event == ControlEvent.PARTICIPANT_LEFT:
+            events += self.engine.reset_frames(ts, reason)
+            events += self.engine.control(EventType.CANDIDATE_DISCONNECTED, True, now, reason)
+        if events:
+            self._spawn(self.emit(events))
+
+    def on_connect(self) -> None:
+        """A media connection (re)opened: the candidate is back."""
+        events = self.engine.control(EventType.CANDIDATE_DISCONNECTED, False, time.time(), "reconnected")
+        if events:
+            self._spawn(self.emit(events))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _watchdog(self) -> None:
+        """Once a second: CAMERA_OFF when frames stop for camera_timeout_s, and the control rules' grace periods."""
+        timeout = self.policy.thresholds.camera_timeout_s
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            events: list[RuleEvent] = []
+            camera_muted = self.track_state.get("camera") in (ControlEvent.TRACK_MUTED, ControlEvent.TRACK_ENDED)
+            if self.last_frame_at is not None and not camera_muted and now - self.last_frame_at > timeout:
+                events += self.engine.control(EventType.CAMERA_OFF, True, self.last_frame_at + timeout, "no_frames")
+            events += self.engine.tick(now)
+            if events:
+                await self.emit(events)
 
     # ---- workers
 
@@ -231,7 +282,9 @@ class LiveSession:
                 continue
             msg, arrived = item
             try:
-                sig = await self.m.pool.run(self.m.models.analyze_jpeg, msg.payload, msg.seq, msg.capture_ts)
+                sig = await self.m.pool.run(
+                    self.m.models.analyze_jpeg, msg.payload, msg.seq, msg.capture_ts, self.clock
+                )
             except FrameDecodeError as e:
                 self.reject_frame()
                 self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
@@ -286,9 +339,28 @@ class LiveSession:
 
     async def emit(self, events: list[RuleEvent]) -> None:
         for ev in events:
+            if ev.state is IncidentState.STARTED and ev.observation is not None and ev.observation.signals is not None:
+                preview = ev.observation.signals.preview
+                if preview is not None:
+                    thumb = await asyncio.to_thread(thumbnail_b64, preview)
+                    if thumb:
+                        ev.evidence["thumbnail_jpeg_b64"] = thumb
             alert = self.make_alert(ev)
             if ev.state is IncidentState.STARTED:
                 self.counters.alerts_by_type[ev.event_type] += 1
+                text = ev.feedback
+                if text and self.feedback.allow(ev.event_type, time.time()):
+                    self.counters.feedback_sent += 1
+                    self.broadcast(
+                        {
+                            "type": "feedback",
+                            "code": ev.event_type,
+                            "message": text,
+                            "incident_id": ev.incident_id,
+                            "ts": time.time(),
+                        },
+                        media_only=True,
+                    )
             self.m.metrics.alerts.labels(ev.event_type, str(ev.state)).inc()
             try:
                 await self.m.sink.publish(alert)
@@ -319,6 +391,8 @@ class LiveSession:
             "audio_seconds": self.counters.public().audio_seconds,
             "audio_queue_fill": round(self.audio_fill(), 3),
             "last_face_verification": self.last_verification_at.isoformat() if self.last_verification_at else None,
+            "risk_score": self.engine.risk.score(self.last_media_ts or time.time()),
+            "risk_band": self.engine.risk.band(self.engine.risk.score(self.last_media_ts or time.time())),
         }
 
     async def close(self, reason: str) -> None:
@@ -532,6 +606,7 @@ class SessionManager:
             connected=bool(live and live.connection is not None),
             counters=counters,
             open_incidents=live.engine.open_incidents() if live else [],
+            risk=live.engine.risk_summary() if live else {},
             last_verification_at=_aware(row.last_verification_at).isoformat() if row.last_verification_at else None,
             policy=EffectivePolicy.model_validate(row.policy),
             metadata=row.metadata_ or {},

@@ -139,6 +139,7 @@ class MediaConnection:
             await _close(old, CloseCode.SUPERSEDED, "replaced by a newer connection for this session")
         if self.legacy_kind in (None, Kind.VIDEO):
             live.connection = self.ws
+            live.on_connect()
         self.metrics.connected_streams.inc()
         self._tasks = [asyncio.create_task(self._sender())]
         if self.legacy_kind is None:  # legacy clients expect no hello or heartbeats on their media sockets

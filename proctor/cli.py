@@ -38,7 +38,7 @@ def _load_models():
     from proctor.settings import Settings
 
     s = Settings()
-    return ModelSet.load(s.face_model, s.face_score_threshold)
+    return ModelSet.from_settings(s)
 
 
 def _inspect(args: argparse.Namespace) -> int:

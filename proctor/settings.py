@@ -64,6 +64,18 @@ class Settings(BaseSettings):
         default=0.4, description="BlazeFace score threshold (0.3-0.4 count best on webcam frames)"
     )
 
+    face_mesh: bool = Field(default=True, description="Face mesh with iris: head pose and gaze")
+    objects_model: str = Field(
+        default="nanodet",
+        description="Person / phone detector: nanodet (shipped), yolo:/path/model.onnx, ultralytics:/path.pt, none",
+    )
+    objects_fps: float = Field(default=1.0, gt=0, description="Object detector runs per second per session")
+    motion_threshold: float = Field(
+        default=3.0, ge=0, description="Object detection skipped while the scene moves less than this (grey levels)"
+    )
+    body_pose: bool = Field(default=True, description="Body pose: shoulders in frame, hand near ear")
+    pose_fps: float = Field(default=2.0, gt=0, description="Body pose runs per second per session")
+
     # --- outbox (embedded)
     outbox_jsonl: Path | None = Field(
         default=None, description="JSONL copy of every alert; default <data_dir>/alerts.jsonl"

@@ -57,7 +57,12 @@ def test_face_not_found_timing_edge(duration: float, fires: bool) -> None:
 def test_one_incident_not_one_alert_per_frame() -> None:
     e = engine()
     events = run(e, seq(0, 60, 0))  # a minute without a face
-    assert [(ev.event_type, ev.state) for ev in events] == [("FACE_NOT_FOUND", "started")]
+    # One start, then an update every 30 s while it lasts: never one alert per frame.
+    assert [(ev.event_type, ev.state) for ev in events] == [
+        ("FACE_NOT_FOUND", "started"),
+        ("FACE_NOT_FOUND", "ongoing"),
+    ]
+    assert events[1].evidence["duration_s"] == pytest.approx(35.1, abs=0.2)
     assert e.open_incidents()[0]["event_type"] == "FACE_NOT_FOUND"
 
 

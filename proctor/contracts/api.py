@@ -16,6 +16,7 @@ FEATURES = (
     "gaze",
     "head_pose",
     "objects",
+    "body_pose",
     "audio",
 )
 
@@ -32,8 +33,29 @@ class RuleOverride(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = None
-    trigger_after_s: float | None = Field(default=None, gt=0, le=3600)
+    trigger_after_s: float | None = Field(default=None, ge=0, le=3600)
     clear_after_s: float | None = Field(default=None, ge=0, le=3600)
+    cooldown_s: float | None = Field(default=None, ge=0, le=3600)
+
+
+class Thresholds(BaseModel):
+    """Measured-value thresholds of the rules (degrees are relative to the calibrated baseline)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gaze_yaw_deg: float = Field(default=25.0, gt=0, description="|gaze yaw| beyond this is off screen")
+    gaze_pitch_up_deg: float = Field(default=20.0, gt=0)
+    gaze_pitch_down_deg: float = Field(default=25.0, gt=0)
+    head_down_pitch_deg: float = Field(default=-30.0, lt=0, description="HEAD_DOWN below this pitch")
+    head_turn_yaw_deg: float = Field(default=45.0, gt=0, description="HEAD_TURNED_AWAY beyond this |yaw|")
+    movement_deg_s: float = Field(default=60.0, gt=0, description="SUSPICIOUS_MOVEMENT above this head speed")
+    presence_loss_ratio: float = Field(default=0.2, gt=0, lt=1, description="face area vs baseline")
+    phone_score: float = Field(default=0.45, gt=0, le=1)
+    person_score: float = Field(default=0.5, gt=0, le=1)
+    distraction_count: int = Field(default=5, ge=1, description="FREQUENT_DISTRACTION above this many")
+    distraction_window_s: float = Field(default=60.0, gt=0)
+    camera_timeout_s: float = Field(default=10.0, gt=0, description="CAMERA_OFF after this long without frames")
+    hand_ear_ratio: float = Field(default=0.6, gt=0, description="hand-ear distance / shoulder width")
 
 
 class SessionStartRequest(BaseModel):
@@ -48,6 +70,8 @@ class SessionStartRequest(BaseModel):
     sensitivity: Sensitivity = "medium"
     video_fps: float | None = Field(default=None, gt=0, le=30)
     rules: dict[str, RuleOverride] = Field(default_factory=dict, description="Per-exam rule overrides")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="Overrides of Thresholds fields")
+    calibration_s: float | None = Field(default=None, ge=0, le=600, description="Calibration period (default 30 s)")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("features_enabled")
@@ -64,6 +88,14 @@ class RulePolicy(BaseModel):
     enabled: bool
     trigger_after_s: float
     clear_after_s: float
+    cooldown_s: float = 0.0
+
+
+class CalibrationSettings(BaseModel):
+    """The first duration_s of media time set the candidate's baseline (head pose, gaze, face size)."""
+
+    duration_s: float = 30.0
+    min_frames: int = 50
 
 
 class EffectivePolicy(BaseModel):
@@ -72,11 +104,8 @@ class EffectivePolicy(BaseModel):
     video_fps: float
     verification: VerificationPolicy
     rules: dict[str, RulePolicy]
-
-
-class CalibrationSettings(BaseModel):
-    duration_s: float = 30.0
-    min_frames: int = 50
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
 
 class SessionConfig(BaseModel):
@@ -106,6 +135,7 @@ class SessionCounters(BaseModel):
     audio_seconds: float = 0.0
     audio_rejected: int = 0
     messages_malformed: int = 0
+    feedback_sent: int = 0
     alerts_by_type: dict[str, int] = Field(default_factory=dict)
 
 
@@ -121,6 +151,9 @@ class SessionState(BaseModel):
     connected: bool
     counters: SessionCounters
     open_incidents: list[dict[str, Any]]
+    risk: dict[str, Any] = Field(
+        default_factory=dict, description="score 0-100, band, the incidents that raised it, calibration baseline"
+    )
     last_verification_at: str | None
     policy: EffectivePolicy
     metadata: dict[str, Any]
