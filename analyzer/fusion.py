@@ -167,17 +167,19 @@ class PresenceFusion:
             self._has_detector = True
         objects = self._objects if self._objects_ts is not None and s.ts - self._objects_ts <= self.hold_s else []
         persons_detected: int | None = None
+        person_seen = False
         phone: float | None = None
         if self._has_detector:
             frame_area = max(1, s.width * s.height)
             fresh = self._objects_ts is not None and s.ts - self._objects_ts <= self.person_hold_s
-            persons_detected = sum(
-                1
+            people = [
+                o
                 for o in (objects if fresh else [])
-                if o.label == "person"
-                and o.score >= self.t.person_score
-                and o.box.w * o.box.h / frame_area >= MIN_PERSON_AREA
-            )
+                if o.label == "person" and o.box.w * o.box.h / frame_area >= MIN_PERSON_AREA
+            ]
+            # Counting needs a confident box; presence takes a weaker one (a bowed head, a turned back).
+            persons_detected = sum(1 for o in people if o.score >= self.t.person_score)
+            person_seen = any(o.score >= self.t.presence_person_score for o in people)
             phone = max((o.score for o in objects if o.label in PHONE_LABELS), default=0.0)
         # Pose: latest result, refreshed when the pose model ran.
         if s.pose_ran:
@@ -192,7 +194,8 @@ class PresenceFusion:
         shoulders, near_ear, ear_ratio = self._pose_state if self._has_pose else (None, None, None)
 
         face_visible = s.face_count > 0
-        body_seen = bool(shoulders) or (persons_detected or 0) > 0
+        segmented = s.person_fraction is not None and s.person_fraction >= self.t.presence_segmentation
+        body_seen = bool(shoulders) or person_seen or segmented
         candidate_present = face_visible or body_seen
         persons_present = max(s.face_count, persons_detected or 0, 1 if candidate_present else 0)
 

@@ -14,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from analyzer.fusion import PresenceFusion
 from analyzer.pipeline import ModelClock, ModelSet, Sampler
 from analyzer.rules.engine import RuleEngine, RuleEvent
 from analyzer.rules.policy import effective_policy
@@ -29,14 +30,31 @@ def load_image_rgb(path: Path) -> np.ndarray:
 
 
 def inspect_image(models: ModelSet, path: Path) -> dict[str, Any]:
+    """Everything the models see in one image, and the fused count of people in view."""
     rgb = load_image_rgb(path)
     sig = models.analyze_rgb(rgb, 0, 0.0)
+    req = SessionStartRequest(exam_session_id="inspect", candidate_id="inspect", exam_id="inspect", calibration_s=0)
+    obs = PresenceFusion(effective_policy(req, 5.0)).observe(sig)
+    faces = []
+    for f in sig.faces:
+        d = f.to_dict()
+        if f is sig.primary_face and sig.mesh is not None:
+            d.update(sig.mesh.to_dict())  # head pose and gaze (the mesh runs on the largest face)
+        faces.append(d)
+    objects = sig.objects or []
     return {
         "image": str(path),
         "width": sig.width,
         "height": sig.height,
         "face_count": sig.face_count,
-        "faces": [f.to_dict() for f in sig.faces],
+        "persons_present": obs.persons_present,
+        "candidate_present": obs.candidate_present,
+        "faces": faces,
+        "persons": [o.to_dict() for o in objects if o.label == "person"],
+        "objects": [o.to_dict() for o in objects if o.label != "person"],
+        "pose": sig.pose.to_dict() if sig.pose else None,
+        "shoulders_visible": obs.shoulders_visible,
+        "hand_near_ear": obs.hand_near_ear,
         "models": models.describe(),
         "latency_ms": {k: round(v, 2) for k, v in sig.latency_ms.items()},
     }

@@ -104,11 +104,13 @@ class ModelSet:
         objects: ObjectDetector | None = None,
         pose: PoseEstimator | None = None,
         rates: ModelRates | None = None,
+        segmenter: Any = None,
     ) -> None:
         self.face = face
         self.mesh = mesh
         self.objects = objects
         self.pose = pose
+        self.segmenter = segmenter
         self.rates = rates or ModelRates()
 
     @classmethod
@@ -120,6 +122,7 @@ class ModelSet:
         objects: str = "nanodet",
         pose: bool = True,
         rates: ModelRates | None = None,
+        segmentation: bool = True,
     ) -> ModelSet:
         from analyzer.detectors.blazeface import BlazeFaceDetector
 
@@ -127,7 +130,8 @@ class ModelSet:
         mesh_b = _optional("face mesh", _load_mesh) if mesh else None
         obj_b = _optional("object detector", lambda: _load_objects(objects)) if objects != "none" else None
         pose_b = _optional("body pose", _load_pose) if pose else None
-        return cls(face=face, mesh=mesh_b, objects=obj_b, pose=pose_b, rates=rates)
+        seg_b = _optional("person segmentation", _load_segmenter) if segmentation else None
+        return cls(face=face, mesh=mesh_b, objects=obj_b, pose=pose_b, rates=rates, segmenter=seg_b)
 
     @classmethod
     def from_settings(cls, s: Any) -> ModelSet:
@@ -136,15 +140,23 @@ class ModelSet:
             pose_interval_s=1.0 / s.pose_fps,
             motion_threshold=s.motion_threshold,
         )
-        return cls.load(s.face_model, s.face_score_threshold, s.face_mesh, s.objects_model, s.body_pose, rates)
+        return cls.load(
+            s.face_model, s.face_score_threshold, s.face_mesh, s.objects_model, s.body_pose, rates, s.segmentation
+        )
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"face": self.face.name}
-        for key, backend in (("face_mesh", self.mesh), ("objects", self.objects), ("pose", self.pose)):
+        backends = (
+            ("face_mesh", self.mesh),
+            ("objects", self.objects),
+            ("pose", self.pose),
+            ("segmentation", self.segmenter),
+        )
+        for key, backend in backends:
             d[key] = backend.name if backend is not None else None
         d["models_verified"] = all(
             bool(getattr(b, "verified", False))
-            for b in (self.face, self.mesh, self.objects, self.pose)
+            for b in (self.face, self.mesh, self.objects, self.pose, self.segmenter)
             if b is not None
         )
         return d
@@ -191,6 +203,11 @@ class ModelSet:
                 ran.append(pe.name)
                 if clock is not None:
                     clock.pose_ts, clock.pose = ts, sig.pose
+        if self.segmenter is not None and not faces:
+            seg = self.segmenter
+            # Only without a face: then it tells "someone is there, face hidden" from "nobody".
+            sig.person_fraction = timed(seg.name, lambda: seg.person_fraction(rgb))
+            ran.append(seg.name)
         sig.model = "+".join(ran)
         scale = 160 / max(w, h)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -225,6 +242,12 @@ def _load_objects(spec: str) -> ObjectDetector:
     from analyzer.detectors.objects import load_object_detector
 
     return load_object_detector(spec)
+
+
+def _load_segmenter() -> Any:
+    from analyzer.detectors.segmentation import SelfieSegmenter
+
+    return SelfieSegmenter()
 
 
 def _load_pose() -> PoseEstimator:

@@ -25,6 +25,8 @@ class FrameSignals:
     # Body pose; pose_ran is False when no pose model ran on this frame.
     pose: BodyPose | None = None
     pose_ran: bool = False
+    # Share of the frame segmented as a person; only computed when no face was found (None otherwise).
+    person_fraction: float | None = None
     model: str = ""  # models that ran, for ai_model_source
     latency_ms: dict[str, float] = field(default_factory=dict)
     # Downscaled RGB copy kept for evidence thumbnails (small: <= 160 px wide).

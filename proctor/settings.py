@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     )
     body_pose: bool = Field(default=True, description="Body pose: shoulders in frame, hand near ear")
     pose_fps: float = Field(default=2.0, gt=0, description="Body pose runs per second per session")
+    segmentation: bool = Field(default=True, description="Person segmentation when no face is found (presence)")
 
     # --- outbox (embedded)
     outbox_jsonl: Path | None = Field(

@@ -51,7 +51,11 @@ class Thresholds(BaseModel):
     movement_deg_s: float = Field(default=60.0, gt=0, description="SUSPICIOUS_MOVEMENT above this head speed")
     presence_loss_ratio: float = Field(default=0.2, gt=0, lt=1, description="face area vs baseline")
     phone_score: float = Field(default=0.45, gt=0, le=1)
-    person_score: float = Field(default=0.5, gt=0, le=1)
+    person_score: float = Field(default=0.5, gt=0, le=1, description="person box score to count a person")
+    presence_person_score: float = Field(default=0.35, gt=0, le=1, description="person box score for presence")
+    presence_segmentation: float = Field(
+        default=0.08, gt=0, lt=1, description="share of the frame segmented as person that means someone is there"
+    )
     distraction_count: int = Field(default=5, ge=1, description="FREQUENT_DISTRACTION above this many")
     distraction_window_s: float = Field(default=60.0, gt=0)
     camera_timeout_s: float = Field(default=10.0, gt=0, description="CAMERA_OFF after this long without frames")

@@ -1,0 +1,62 @@
+"""Person segmentation (mediapipe's selfie segmentation tflite, run with LiteRT): how much of the frame is
+a person. A presence cue for the frames where neither a face nor a person box is found (a head bowed under
+a cap, a back turned to the camera)."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from analyzer.detectors.manifest import verify
+
+# Pixels with a person probability above this count as person.
+MASK_THRESHOLD = 0.5
+
+
+def model_file(landscape: bool = True) -> Path:
+    spec = importlib.util.find_spec("mediapipe")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("mediapipe is not installed: its wheel ships the segmentation model")
+    name = "selfie_segmentation_landscape.tflite" if landscape else "selfie_segmentation.tflite"
+    path = Path(spec.submodule_search_locations[0]) / "modules" / "selfie_segmentation" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing from the mediapipe package")
+    return path
+
+
+class SelfieSegmenter:
+    """person_fraction(rgb): the share of the frame covered by a person (0-1)."""
+
+    name = "mediapipe.selfie_segmentation_landscape"
+
+    def __init__(self) -> None:
+        self._model = model_file(True).read_bytes()
+        self.verified = verify("selfie_segmentation_landscape", self._model)
+        self._local = threading.local()
+        self._interpreter()
+
+    def _interpreter(self) -> tuple[Interpreter, int, int, int, int]:
+        st = getattr(self._local, "st", None)
+        if st is None:
+            it = Interpreter(model_content=self._model, num_threads=1)
+            it.allocate_tensors()
+            inp = it.get_input_details()[0]
+            _, h, w, _ = (int(x) for x in inp["shape"])
+            st = self._local.st = (it, inp["index"], it.get_output_details()[0]["index"], w, h)
+        return st
+
+    def person_fraction(self, rgb: np.ndarray) -> float:
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image, got {rgb.shape} {rgb.dtype}")
+        it, i_in, i_out, w, h = self._interpreter()
+        # The model takes the whole frame stretched to its input, RGB in [0, 1].
+        x = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        it.set_tensor(i_in, x[None])
+        it.invoke()
+        mask = it.get_tensor(i_out)[0, :, :, 0]
+        return float(np.mean(mask > MASK_THRESHOLD))
