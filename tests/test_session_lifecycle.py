@@ -149,3 +149,53 @@ async def test_audio_flood_is_never_dropped(server: LiveServer) -> None:
     # Any slow-down hint is followed by a resume once the queue drained.
     if flows:
         assert flows[-1]["audio"] == "resume"
+
+
+async def test_muted_camera_raises_camera_off_and_tells_the_candidate(server: LiveServer) -> None:
+    cfg = server.start_session("cam-off")
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        await c.video(black_jpeg(), time.time())
+        await c.ws.send('{"type": "control", "event": "track_muted", "track": "camera"}')
+        start = await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["event_type"] == "CAMERA_OFF", 10)
+        assert start["alert"]["incident_state"] == "started"
+        assert start["alert"]["evidence"]["reason"] == "camera:track_muted"
+        fb = await c.wait_for(lambda m: m["type"] == "feedback" and m["code"] == "CAMERA_OFF")
+        assert "camera" in fb["message"].lower()
+        await c.ws.send('{"type": "control", "event": "track_unmuted", "track": "camera"}')
+        end = await c.wait_for(
+            lambda m: (
+                m["type"] == "alert"
+                and m["alert"]["event_type"] == "CAMERA_OFF"
+                and m["alert"]["incident_state"] == "ended"
+            )
+        )
+        assert end["alert"]["evidence"]["duration_s"] >= 2.0
+        await c.ws.send('{"type": "control", "event": "track_muted", "track": "microphone"}')
+        mic = await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["event_type"] == "MICROPHONE_OFF", 10)
+        assert mic["alert"]["incident_state"] == "started"
+    st = server.session("cam-off")
+    assert st["counters"]["alerts_by_type"]["CAMERA_OFF"] == 1 and st["counters"]["feedback_sent"] >= 1
+    assert st["risk"]["score"] > 0 and st["risk"]["top_incidents"]
+
+
+async def test_frames_that_stop_raise_camera_off(tmp_path: Path) -> None:
+    from analyzer.rules import policy
+
+    srv = LiveServer(tmp_path).start()
+    try:
+        cfg = srv.start_session("no-frames", thresholds={"camera_timeout_s": 2.0})
+        async with StreamClient.connect(stream_url(cfg)) as c:
+            await c.video(black_jpeg(), time.time())
+            alert = await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["event_type"] == "CAMERA_OFF", 15)
+            assert alert["alert"]["evidence"]["reason"] == "no_frames"
+            await c.video(black_jpeg(), time.time())  # frames again: the incident ends
+            await c.wait_for(
+                lambda m: (
+                    m["type"] == "alert"
+                    and m["alert"]["event_type"] == "CAMERA_OFF"
+                    and m["alert"]["incident_state"] == "ended"
+                )
+            )
+        assert policy.RULE_DEFAULTS["CAMERA_OFF"].trigger_after_s == 2.0
+    finally:
+        srv.stop()
