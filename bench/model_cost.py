@@ -1,0 +1,65 @@
+"""Cost of each model per frame on this machine: median and p95 ms over the shared exam-webcam frames.
+
+    python bench/model_cost.py [DATA_DIR] [--repeat N]
+
+Prints one row per model and one JSON line. Single thread, the way the inference pool runs each job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from analyzer.pipeline import ModelSet, decode_jpeg  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data_dir", nargs="?", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--repeat", type=int, default=2, help="passes over the frames (default 2)")
+    args = ap.parse_args()
+    frames = sorted((Path(args.data_dir) / "faces" / "webcam_oep").glob("*.jpg"))
+    if not frames:
+        print(f"no frames under {args.data_dir}/faces/webcam_oep", file=sys.stderr)
+        return 2
+    models = ModelSet.load()
+    jpegs = [cv2.imencode(".jpg", cv2.imread(str(f)), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes() for f in frames]
+    times: dict[str, list[float]] = {}
+    models.analyze_jpeg(jpegs[0], 0, 0.0)  # warm-up: interpreters are built lazily per thread
+    t_all = []
+    for _ in range(args.repeat):
+        for i, jpg in enumerate(jpegs):
+            t0 = time.perf_counter()
+            sig = models.analyze_jpeg(jpg, i, 0.0)  # no clock: every model runs on every frame
+            t_all.append((time.perf_counter() - t0) * 1000)
+            for name, ms in sig.latency_ms.items():
+                times.setdefault(name, []).append(ms)
+    h, w = decode_jpeg(jpegs[0]).shape[:2]
+    print(f"{len(jpegs)} frames x {args.repeat} ({w}x{h}), one thread")
+    print(f"{'model':<48} {'runs':>5} {'median ms':>10} {'p95 ms':>8}")
+    rows = {}
+    for name, v in sorted(times.items(), key=lambda kv: -statistics.median(kv[1])):
+        v.sort()
+        med, p95 = statistics.median(v), v[min(len(v) - 1, int(0.95 * len(v)))]
+        rows[name] = {"runs": len(v), "median_ms": round(med, 2), "p95_ms": round(p95, 2)}
+        print(f"{name:<48} {len(v):>5} {med:>10.2f} {p95:>8.2f}")
+    t_all.sort()
+    print(
+        f"{'whole frame, all models':<48} {len(t_all):>5} {statistics.median(t_all):>10.2f} "
+        f"{t_all[int(0.95 * len(t_all))]:>8.2f}"
+    )
+    print(json.dumps({"bench": "model_cost", "frame_size": f"{w}x{h}", "models": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
