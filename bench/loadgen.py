@@ -288,6 +288,7 @@ class SessionResult:
     latencies_s: list[float] = field(default_factory=list)
     unmatched_alerts: int = 0  # started alerts whose trigger frame was not found in the send log
     heartbeats: int = 0
+    feedback: int = 0
     flow: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     server: dict[str, Any] = field(default_factory=dict)  # counters from GET / end
@@ -458,6 +459,8 @@ class Session:
                         self.audio_paused = False
                 elif kind == "pong":
                     self.pong.set()
+                elif kind == "feedback":
+                    r.feedback += 1  # candidate feedback (rate-limited by the server)
                 elif kind == "error":
                     r.errors.append(f"server error {msg.get('code')}: {msg.get('reason')}")
                 elif kind == "session_ended":
@@ -568,6 +571,7 @@ def summarize(
             "audio_rejected": int(c.get("audio_rejected", 0)),
             "heartbeats": r.heartbeats,
             "flow_messages": len(r.flow),
+            "feedback_messages": r.feedback,
             "max_send_lag_ms": round(r.max_send_lag_s * 1000, 1),
             "close": r.close,
             "got_session_ended": r.got_session_ended,
