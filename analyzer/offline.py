@@ -89,11 +89,17 @@ def analyze_video(
     sensitivity: str = "medium",
     session_id: str = "offline",
     candidate_id: str = "offline",
+    calibration_s: float | None = None,
 ) -> tuple[list[tuple[float, Alert]], dict[str, Any]]:
     """Runs a recording through the session pipeline; returns (offset, alert) pairs and a summary."""
     req = SessionStartRequest(
-        exam_session_id=session_id, candidate_id=candidate_id, exam_id="offline", sensitivity=sensitivity, video_fps=fps
-    )  # type: ignore[arg-type]
+        exam_session_id=session_id,
+        candidate_id=candidate_id,
+        exam_id="offline",
+        sensitivity=sensitivity,  # type: ignore[arg-type]
+        video_fps=fps,
+        calibration_s=calibration_s,
+    )
     policy = effective_policy(req, fps)
     engine = RuleEngine(policy)
     sampler = Sampler(policy.video_fps)

@@ -73,7 +73,9 @@ def _analyze(args: argparse.Namespace) -> int:
         from proctor.settings import Settings
 
         fps = args.fps or Settings().video_fps
-        alerts, summary = analyze_video(models, Path(args.video), fps=fps, sensitivity=args.sensitivity)
+        alerts, summary = analyze_video(
+            models, Path(args.video), fps=fps, sensitivity=args.sensitivity, calibration_s=args.calibration
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one canonical alert per line, with offset_s")
     p.add_argument("--fps", type=float, default=None, help="analysis rate (default PROCTOR_VIDEO_FPS, 5)")
     p.add_argument("--sensitivity", choices=["low", "medium", "high"], default="medium")
+    p.add_argument(
+        "--calibration", type=float, default=None, help="calibration period, s (default 30; head/gaze rules wait)"
+    )
     p.set_defaults(fn=_analyze)
 
     p = sub.add_parser("keys", help="manage API keys")
