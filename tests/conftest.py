@@ -32,6 +32,16 @@ def shared_data() -> Path | None:
     return d if (d / "manifest.csv").exists() else None
 
 
+def load_rgb(rel: str) -> np.ndarray:
+    """An image of the shared data as RGB; skips the test when the data is not there."""
+    d = shared_data()
+    if d is None or not (d / rel).is_file():
+        pytest.skip(f"shared data not available: {rel}")
+    bgr = cv2.imread(str(d / rel))
+    assert bgr is not None, rel
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = shared_data()

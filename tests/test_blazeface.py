@@ -14,23 +14,10 @@ pytest.importorskip("ai_edge_litert")
 
 from analyzer.detectors.base import Face  # noqa: E402
 from analyzer.detectors.blazeface import BlazeFaceDetector, model_file, ssd_anchors  # noqa: E402
+from tests.conftest import load_rgb, shared_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def data_dir() -> Path | None:
-    """The shared face data beside the repo (../shared/data), or None when absent."""
-    d = REPO.parent / "shared" / "data"
-    return d if (d / "faces").is_dir() else None
-
-
-def load_rgb(rel: str) -> np.ndarray:
-    d = data_dir()
-    if d is None or not (d / rel).is_file():
-        pytest.skip(f"shared data not available: {rel}")
-    bgr = cv2.imread(str(d / rel))
-    assert bgr is not None, rel
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+data_dir = shared_data  # None when ../shared/data is absent
 
 
 def oep_frames(n: int) -> list[str]:

@@ -16,6 +16,7 @@ from analyzer.detectors import facemesh as fm_mod  # noqa: E402
 from analyzer.detectors.base import Box, Face  # noqa: E402
 from analyzer.detectors.blazeface import BlazeFaceDetector  # noqa: E402
 from analyzer.detectors.facemesh import MediapipeFaceMesh, head_pose, model_file  # noqa: E402
+from tests.conftest import load_rgb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -31,15 +32,6 @@ FRONTAL = [
     "faces/identity/scarlett_johansson/deepface__img48.jpg",
     "faces/identity/scarlett_johansson/deepface__img8.jpg",
 ]
-
-
-def load_rgb(rel: str) -> np.ndarray:
-    path = DATA / rel
-    if not path.is_file():
-        pytest.skip(f"shared data not available: {rel}")
-    bgr = cv2.imread(str(path))
-    assert bgr is not None, rel
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def biggest_face(det: BlazeFaceDetector, rgb: np.ndarray) -> Face:

@@ -24,24 +24,11 @@ from analyzer.detectors.objects import (  # noqa: E402
     load_object_detector,
     nms_classwise,
 )
+from tests.conftest import load_rgb, shared_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+data_dir = shared_data  # None when ../shared/data is absent
 ROLAND = "faces/multi_face/proctoring_ai__roland-samuel-9COZH5kDJOg-unsplash.jpg"
-
-
-def data_dir() -> Path | None:
-    """The shared data beside the repo (../shared/data), or None when absent."""
-    d = REPO.parent / "shared" / "data"
-    return d if (d / "faces").is_dir() else None
-
-
-def load_rgb(rel: str) -> np.ndarray:
-    d = data_dir()
-    if d is None or not (d / rel).is_file():
-        pytest.skip(f"shared data not available: {rel}")
-    bgr = cv2.imread(str(d / rel))
-    assert bgr is not None, rel
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def face_counts() -> list[tuple[str, int]]:

@@ -23,8 +23,10 @@ from analyzer.detectors.pose import (  # noqa: E402
     model_file,
     shoulders_visible,
 )
+from tests.conftest import load_rgb, shared_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+data_dir = shared_data  # None when ../shared/data is absent
 
 # Single-person photos (mediapipe keeps the best-scored person, we keep the largest: same person here).
 PHOTOS = (
@@ -33,21 +35,6 @@ PHOTOS = (
     "faces/head_pose/insightface__pose_left_face.jpeg",
     "faces/head_pose/insightface__reaction_close_eyes.jpeg",
 )
-
-
-def data_dir() -> Path | None:
-    """The shared data beside the repo (../shared/data), or None when absent."""
-    d = REPO.parent / "shared" / "data"
-    return d if (d / "faces").is_dir() else None
-
-
-def load_rgb(rel: str) -> np.ndarray:
-    d = data_dir()
-    if d is None or not (d / rel).is_file():
-        pytest.skip(f"shared data not available: {rel}")
-    bgr = cv2.imread(str(d / rel))
-    assert bgr is not None, rel
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def oep_rows() -> list[dict[str, str]]:
