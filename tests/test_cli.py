@@ -30,7 +30,10 @@ def test_inspect_json_counts_faces(data_dir: Path, oep: list[dict[str, Any]]) ->
     out = json.loads(r.stdout)
     assert [o["face_count"] for o in out] == [1, 1, 1, 0, 2]
     face = out[0]["faces"][0]
-    assert {"box", "score", "keypoints"} <= face.keys() and 0 < face["score"] <= 1
+    assert {"box", "score", "keypoints", "head_pose", "gaze"} <= face.keys() and 0 < face["score"] <= 1
+    assert [o["persons_present"] for o in out[:3]] == [1, 1, 1]
+    assert out[0]["persons"] and out[0]["persons"][0]["label"] == "person"
+    assert out[0]["shoulders_visible"] is True and isinstance(out[0]["objects"], list)
     single = json.loads(proctor("inspect", couple, "--json").stdout)
     assert single["face_count"] == 2 and single["models"]["models_verified"] is True
 
