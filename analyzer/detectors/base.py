@@ -13,6 +13,16 @@ from typing import Protocol
 import numpy as np
 
 
+def check_rgb(rgb: object) -> np.ndarray:
+    """Every backend's input check: an H x W x 3 uint8 image; returns it C-contiguous."""
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        desc = f"{rgb.shape} {rgb.dtype}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ValueError(f"expected an RGB image H x W x 3 uint8, got {desc}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"empty image {rgb.shape}")
+    return np.ascontiguousarray(rgb)
+
+
 @dataclass(frozen=True, slots=True)
 class Box:
     """Axis-aligned box in pixels of the analysed image (x, y = top-left)."""

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from analyzer.detectors.base import Box, Face
+from analyzer.detectors.base import Box, Face, check_rgb
 from analyzer.detectors.manifest import verify
 
 KEYPOINT_NAMES: tuple[str, ...] = (
@@ -245,12 +245,8 @@ class BlazeFaceDetector:
         return tensor[None], side, pad_x, pad_y
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            desc = f"{rgb.shape} {rgb.dtype}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise ValueError(f"expected an RGB image H x W x 3 uint8, got {desc}")
+        rgb = check_rgb(rgb)
         h, w = rgb.shape[:2]
-        if h == 0 or w == 0:
-            raise ValueError(f"empty image {rgb.shape}")
 
         interp, in_idx, boxes_idx, scores_idx = self._interpreter()
         tensor, side, pad_x, pad_y = self._letterbox(np.ascontiguousarray(rgb))

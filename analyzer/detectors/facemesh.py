@@ -44,7 +44,7 @@ from ai_edge_litert import schema_py_generated as tfl
 from ai_edge_litert.interpreter import Interpreter
 from flatbuffers import flexbuffers
 
-from analyzer.detectors.base import Face, FaceMesh, Gaze, HeadPose
+from analyzer.detectors.base import Face, FaceMesh, Gaze, HeadPose, check_rgb
 from analyzer.detectors.manifest import verify
 
 MODEL_NAME = "face_landmark_with_attention"
@@ -580,12 +580,8 @@ class MediapipeFaceMesh:
         return out, score
 
     def estimate(self, rgb: np.ndarray, face: Face) -> FaceMesh | None:
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            desc = f"{rgb.shape} {rgb.dtype}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise ValueError(f"expected an RGB image H x W x 3 uint8, got {desc}")
+        rgb = check_rgb(rgb)
         h, w = rgb.shape[:2]
-        if h == 0 or w == 0:
-            raise ValueError(f"empty image {rgb.shape}")
         if not isinstance(face, Face):
             raise ValueError(f"expected a Face, got {type(face).__name__}")
         b = face.box

@@ -35,7 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from analyzer.detectors.base import Box, Detection, ObjectDetector
+from analyzer.detectors.base import Box, Detection, ObjectDetector, check_rgb
 from analyzer.detectors.manifest import verify
 
 COCO_CLASSES: tuple[str, ...] = (
@@ -133,14 +133,6 @@ _MAX_CANDIDATES = 3000  # highest-scoring boxes fed to NMS (only matters with ve
 
 
 # ---- shared helpers -------------------------------------------------------------------------------------
-
-
-def _check_rgb(rgb: Any) -> None:
-    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        desc = f"{rgb.shape} {rgb.dtype}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-        raise ValueError(f"expected an RGB image H x W x 3 uint8, got {desc}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"empty image {rgb.shape}")
 
 
 def _check_threshold(name: str, value: float) -> float:
@@ -323,7 +315,7 @@ class NanoDetDetector:
         return blob, nw / w, nh / h, float(px), float(py)
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        _check_rgb(rgb)
+        check_rgb(rgb)
         h, w = rgb.shape[:2]
         tensor, sx, sy, px, py = self._preprocess(rgb)
         outs = dict(
@@ -443,7 +435,7 @@ class YoloOnnxDetector:
         return blob, r, float(left), float(top)
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        _check_rgb(rgb)
+        check_rgb(rgb)
         h, w = rgb.shape[:2]
         tensor, r, px, py = self._letterbox(rgb)
         pred = self._session.run([self._output_name], {self._input_name: tensor})[0][0]  # (4 + C, N)
@@ -508,7 +500,7 @@ class UltralyticsDetector:
         self._lock = threading.Lock()  # ultralytics predictors keep per-call state
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
-        _check_rgb(rgb)
+        check_rgb(rgb)
         h, w = rgb.shape[:2]
         with self._lock:
             result = self._model.predict(

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from analyzer.detectors.base import BodyPose
+from analyzer.detectors.base import BodyPose, check_rgb
 from analyzer.detectors.blazeface import ssd_anchors, weighted_nms
 from analyzer.detectors.manifest import verify
 
@@ -130,15 +130,6 @@ def model_file(relative: str) -> Path:
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     # float64 + clip: no overflow warnings for large negative logits.
     return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(x, np.float64), -_SCORE_CLIP, _SCORE_CLIP)))
-
-
-def _check_rgb(rgb: object) -> np.ndarray:
-    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        desc = f"{rgb.shape} {rgb.dtype}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-        raise ValueError(f"expected an RGB image H x W x 3 uint8, got {desc}")
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"empty image {rgb.shape}")
-    return np.ascontiguousarray(rgb)
 
 
 def refine_from_heatmap(xy: np.ndarray, heatmap: np.ndarray, kernel: int, min_conf: float) -> np.ndarray:
@@ -253,7 +244,7 @@ class MediapipePose:
 
     def detect(self, rgb: np.ndarray) -> list[tuple[float, np.ndarray]]:
         """Pose detections as (score, keypoints (4, 2) in image pixels), best score first."""
-        rgb = _check_rgb(rgb)
+        rgb = check_rgb(rgb)
         st = self._interpreters()
         h, w = rgb.shape[:2]
         # Letterbox like ImageToTensorCalculator (keep aspect, centred, corners to corners, zero border).
@@ -303,7 +294,7 @@ class MediapipePose:
     # ---- stage 2: landmarks -----------------------------------------------------------------------------
 
     def estimate(self, rgb: np.ndarray) -> BodyPose | None:
-        rgb = _check_rgb(rgb)
+        rgb = check_rgb(rgb)
         h, w = rgb.shape[:2]
         dets = self.detect(rgb)
         if not dets:

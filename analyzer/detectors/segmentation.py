@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from analyzer.detectors.base import check_rgb
 from analyzer.detectors.manifest import verify
 
 # Pixels with a person probability above this count as person.
@@ -51,8 +52,7 @@ class SelfieSegmenter:
         return st
 
     def person_fraction(self, rgb: np.ndarray) -> float:
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"expected an RGB uint8 image, got {rgb.shape} {rgb.dtype}")
+        rgb = check_rgb(rgb)
         it, i_in, i_out, w, h = self._interpreter()
         # The model takes the whole frame stretched to its input, RGB in [0, 1].
         x = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
