@@ -1,6 +1,5 @@
 # The analyzer service (the same image runs the dispatcher and agent once they exist).
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proctor ./proctor

@@ -32,6 +32,21 @@ def shared_data() -> Path | None:
     return d if (d / "manifest.csv").exists() else None
 
 
+def legacy_mediapipe() -> Any:
+    """mediapipe's own Python API, to check our decoders against it; skips where it cannot load.
+
+    It is not a dependency: its protobuf<5 pin conflicts with livekit's protobuf>=5. Run these checks in a
+    virtualenv with `pip install mediapipe==0.10.21`.
+    """
+    try:
+        import mediapipe as mp
+
+        mp.solutions.face_mesh  # noqa: B018 - touches the part that needs a compatible protobuf
+    except Exception as e:
+        pytest.skip(f"mediapipe's Python API not usable here ({type(e).__name__}): reference check skipped")
+    return mp
+
+
 def load_rgb(rel: str) -> np.ndarray:
     """An image of the shared data as RGB; skips the test when the data is not there."""
     d = shared_data()

@@ -1,4 +1,4 @@
-"""BlazeFace backend: runs the tflite models shipped in the mediapipe wheel (no downloads)."""
+"""BlazeFace backend: runs mediapipe's tflite models from models/mediapipe/ (no downloads)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from analyzer.detectors import facemesh as fm_mod  # noqa: E402
 from analyzer.detectors.base import Box, Face  # noqa: E402
 from analyzer.detectors.blazeface import BlazeFaceDetector  # noqa: E402
 from analyzer.detectors.facemesh import MediapipeFaceMesh, head_pose, model_file  # noqa: E402
-from tests.conftest import load_rgb  # noqa: E402
+from tests.conftest import legacy_mediapipe, load_rgb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -126,7 +126,7 @@ def test_head_pose_sign_conventions(rvec: tuple[float, float, float], expect: di
     ],
 )
 def test_agrees_with_mediapipe_legacy_facemesh(det: BlazeFaceDetector, mesh: MediapipeFaceMesh, rel: str) -> None:
-    mp = pytest.importorskip("mediapipe")
+    mp = legacy_mediapipe()
     rgb = load_rgb(rel)
     ours, face = estimate(det, mesh, rel)
     with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, refine_landmarks=True, max_num_faces=1) as legacy:

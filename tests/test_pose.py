@@ -1,4 +1,4 @@
-"""Body pose backend: BlazePose tflite models from the mediapipe wheel, run with LiteRT."""
+"""Body pose backend: mediapipe's BlazePose tflite models (models/mediapipe/), run with LiteRT."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from analyzer.detectors.pose import (  # noqa: E402
     model_file,
     shoulders_visible,
 )
-from tests.conftest import load_rgb, shared_data  # noqa: E402
+from tests.conftest import legacy_mediapipe, load_rgb, shared_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 data_dir = shared_data  # None when ../shared/data is absent
@@ -57,7 +57,7 @@ def test_model_files_ship_with_mediapipe() -> None:
 
 
 def test_keypoint_names_match_mediapipe_enum() -> None:
-    mp = pytest.importorskip("mediapipe")
+    mp = legacy_mediapipe()
     assert tuple(lm.name.lower() for lm in mp.solutions.pose.PoseLandmark) == KEYPOINT_NAMES
 
 
@@ -83,7 +83,7 @@ def test_black_image_has_no_pose(pose: MediapipePose) -> None:
 
 @pytest.mark.parametrize("rel", PHOTOS)
 def test_agrees_with_legacy_solution(pose: MediapipePose, rel: str) -> None:
-    mp = pytest.importorskip("mediapipe")
+    mp = legacy_mediapipe()
     rgb = load_rgb(rel)
     h, w = rgb.shape[:2]
     with mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1) as legacy:

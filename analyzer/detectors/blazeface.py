@@ -3,7 +3,7 @@
 Why not mediapipe's own APIs: in mediapipe 0.10.21 the legacy
 ``FaceDetection(min_detection_confidence=...)`` ignores the threshold (the graph's
 fixed 0.5 / 0.6 always applies) and the Tasks API cannot run the full-range model.
-So we run the models that ship inside the mediapipe wheel with
+So we run the models (copied from the mediapipe wheel into models/mediapipe/) with
 ``ai_edge_litert`` and re-implement the graph around them, following mediapipe's
 ``face_detection.pbtxt``:
 
@@ -20,7 +20,6 @@ Nothing is downloaded: the model file comes from the installed mediapipe package
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from analyzer.detectors.base import Box, Face, check_rgb
-from analyzer.detectors.manifest import verify
+from analyzer.detectors.manifest import mediapipe_model, verify
 
 KEYPOINT_NAMES: tuple[str, ...] = (
     "right_eye",
@@ -82,17 +81,8 @@ def _variant(variant: str) -> _Variant:
 
 
 def model_file(variant: str) -> Path:
-    """Path of the BlazeFace tflite shipped inside the installed mediapipe wheel."""
-    v = _variant(variant)
-    # find_spec avoids importing mediapipe itself (slow, pulls in its C++ framework).
-    spec = importlib.util.find_spec("mediapipe")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mediapipe is not installed; it ships the BlazeFace models")
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "modules" / "face_detection" / v.file_name
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{v.file_name} not found in the mediapipe package")
+    """Path of the BlazeFace tflite (models/mediapipe/face_detection/)."""
+    return mediapipe_model(f"face_detection/{_variant(variant).file_name}")
 
 
 def ssd_anchors(

@@ -1,8 +1,8 @@
 """Face mesh with irises (478 landmarks), head pose and gaze: mediapipe's attention mesh run with LiteRT.
 
 Why not mediapipe's own API: the legacy ``FaceMesh`` runs its own face detector on every image, and we
-already have a BlazeFace detection. So, as blazeface.py does, we run the tflite that ships inside the
-mediapipe wheel (``face_landmark_with_attention.tflite``, what ``FaceMesh(refine_landmarks=True)``
+already have a BlazeFace detection. So, as blazeface.py does, we run the tflite from the
+mediapipe wheel, in models/mediapipe/ (``face_landmark_with_attention.tflite``, what ``FaceMesh(refine_landmarks=True)``
 uses) with ``ai_edge_litert`` and re-implement the graph around it, following mediapipe's
 ``face_detection_front_detection_to_roi.pbtxt``, ``face_landmark_cpu.pbtxt`` and
 ``tensors_to_face_landmarks_with_attention.pbtxt``:
@@ -31,7 +31,6 @@ Nothing is downloaded: the model file comes from the installed mediapipe package
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import threading
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from ai_edge_litert.interpreter import Interpreter
 from flatbuffers import flexbuffers
 
 from analyzer.detectors.base import Face, FaceMesh, Gaze, HeadPose, check_rgb
-from analyzer.detectors.manifest import verify
+from analyzer.detectors.manifest import mediapipe_model, verify
 
 MODEL_NAME = "face_landmark_with_attention"
 MODEL_FILE = "face_landmark_with_attention.tflite"
@@ -105,16 +104,8 @@ EYE_PITCH_GAIN_DEG = 40.0
 
 
 def model_file() -> Path:
-    """Path of the attention face mesh tflite shipped inside the installed mediapipe wheel."""
-    # find_spec avoids importing mediapipe itself (slow, pulls in its C++ framework).
-    spec = importlib.util.find_spec("mediapipe")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mediapipe is not installed; it ships the face mesh model")
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "modules" / "face_landmark" / MODEL_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{MODEL_FILE} not found in the mediapipe package")
+    """Path of the attention face mesh tflite (models/mediapipe/face_landmark/)."""
+    return mediapipe_model(f"face_landmark/{MODEL_FILE}")
 
 
 # ---- model surgery ----------------------------------------------------------------------------------

@@ -30,3 +30,23 @@ def verify(name: str, data: bytes) -> bool:
         log.warning("model %s: sha256 %s differs from the manifest's %s", name, digest, entry["sha256"])
         return False
     return True
+
+
+def models_dir() -> Path:
+    """Where model files live: PROCTOR_MODELS_DIR, else the repository's models/ folder."""
+    import os
+
+    env = os.environ.get("PROCTOR_MODELS_DIR")
+    return Path(env) if env else MANIFEST.parent
+
+
+def mediapipe_model(relative: str) -> Path:
+    """A mediapipe tflite (e.g. "face_detection/face_detection_short_range.tflite") from models/mediapipe/.
+
+    Copied there from the mediapipe wheel by models/mediapipe/extract.py: the mediapipe Python package
+    itself is not needed at run time.
+    """
+    path = models_dir() / "mediapipe" / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: run python models/mediapipe/extract.py")
+    return path

@@ -1,6 +1,6 @@
 """Body pose (BlazePose full): mediapipe's tflite models run with LiteRT, decoded here.
 
-Same route as blazeface.py: the two models that ship inside the mediapipe wheel
+Same route as blazeface.py: the two models from the mediapipe wheel (in models/mediapipe/)
 are run with ``ai_edge_litert`` and the graph around them is re-implemented,
 following mediapipe's ``pose_landmark_cpu.pbtxt`` in static-image mode:
 
@@ -30,7 +30,6 @@ filled with replicated border, as in mediapipe.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import threading
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from analyzer.detectors.base import BodyPose, check_rgb
 from analyzer.detectors.blazeface import ssd_anchors, weighted_nms
-from analyzer.detectors.manifest import verify
+from analyzer.detectors.manifest import mediapipe_model, verify
 
 # mediapipe.solutions.pose.PoseLandmark, lower case, in model output order.
 KEYPOINT_NAMES: tuple[str, ...] = (
@@ -115,16 +114,8 @@ class _Interpreters:
 
 
 def model_file(relative: str) -> Path:
-    """Path of a tflite file shipped inside the installed mediapipe wheel."""
-    # find_spec avoids importing mediapipe itself (slow, pulls in its C++ framework).
-    spec = importlib.util.find_spec("mediapipe")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mediapipe is not installed; it ships the pose models")
-    for root in spec.submodule_search_locations:
-        path = Path(root) / relative
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{relative} not found in the mediapipe package")
+    """Path of a pose tflite; `relative` as inside the mediapipe wheel ("modules/pose_detection/...")."""
+    return mediapipe_model(relative.removeprefix("modules/"))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

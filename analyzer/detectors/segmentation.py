@@ -4,7 +4,6 @@ a cap, a back turned to the camera)."""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 
@@ -13,21 +12,15 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from analyzer.detectors.base import check_rgb
-from analyzer.detectors.manifest import verify
+from analyzer.detectors.manifest import mediapipe_model, verify
 
 # Pixels with a person probability above this count as person.
 MASK_THRESHOLD = 0.5
 
 
 def model_file(landscape: bool = True) -> Path:
-    spec = importlib.util.find_spec("mediapipe")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mediapipe is not installed: its wheel ships the segmentation model")
     name = "selfie_segmentation_landscape.tflite" if landscape else "selfie_segmentation.tflite"
-    path = Path(spec.submodule_search_locations[0]) / "modules" / "selfie_segmentation" / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} missing from the mediapipe package")
-    return path
+    return mediapipe_model(f"selfie_segmentation/{name}")
 
 
 class SelfieSegmenter:
