@@ -1,0 +1,1 @@
+"""Reference consumers (`proctor consume ...`): receive, verify, deduplicate by event_id, print."""
