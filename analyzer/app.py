@@ -96,9 +96,21 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
         st.stream_secret = _stream_secret(settings)
         st.models = models or await asyncio.to_thread(ModelSet.from_settings, settings)
         st.pool = pool = InferencePool(settings.inference_workers, metrics)
-        st.sink = SqlOutbox(sm, settings.resolved_outbox_jsonl())
+        if settings.outbox == "redis":
+            from dispatcher.outbox import RedisOutbox
+            from dispatcher.service import redis_client
+
+            st.sink = RedisOutbox(redis_client(settings), settings.outbox_stream, settings.resolved_outbox_jsonl())
+        else:
+            st.sink = SqlOutbox(sm, settings.resolved_outbox_jsonl())
         st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics)
         hk = asyncio.create_task(mgr.housekeeping())
+        st.dispatcher = None
+        if settings.dispatcher_embedded:
+            from dispatcher.service import build_dispatcher
+
+            st.dispatcher = build_dispatcher(settings, sm)
+            await st.dispatcher.start()
         log.info("analyzer ready on node %s with models %s", settings.node_id, st.models.describe())
         try:
             yield
@@ -106,6 +118,8 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
             hk.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await hk
+            if st.dispatcher is not None:
+                await st.dispatcher.stop()
             await mgr.shutdown()
             pool.shutdown()
             engine.dispose()

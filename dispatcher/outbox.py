@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
@@ -75,3 +75,45 @@ class SqlOutbox:
             "ok": self.last_error is None,
             "last_error": self.last_error,
         }
+
+
+class RedisOutbox:
+    """Production outbox: appends to a Redis Stream (durable with AOF) that dispatchers share."""
+
+    def __init__(self, client: Any, stream: str = "proctor:alerts", jsonl_path: Path | None = None) -> None:
+        self.r = client
+        self.stream = stream
+        self._jsonl = jsonl_path
+        self._lock = threading.Lock()
+        self.appended = 0
+        self.last_error: str | None = None
+
+    async def publish(self, alert: Alert) -> None:
+        payload = alert.to_json()
+        try:
+            await self.r.xadd(
+                self.stream,
+                {
+                    "event_id": alert.event_id,
+                    "exam_session_id": alert.exam_session_id,
+                    "event_type": str(alert.event_type),
+                    "payload": payload,
+                    "created_at": repr(time.time()),
+                },
+            )
+            self.last_error = None
+        except Exception as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            raise
+        self.appended += 1
+        if self._jsonl is not None:
+            await asyncio.to_thread(self._write_jsonl, payload)
+
+    def _write_jsonl(self, payload: str) -> None:
+        assert self._jsonl is not None
+        with self._lock, self._jsonl.open("a", encoding="utf-8") as f:
+            f.write(payload + "\n")
+
+    def state(self) -> dict[str, object]:
+        return {"kind": "redis_stream", "stream": self.stream, "appended": self.appended,
+                "ok": self.last_error is None, "last_error": self.last_error}  # fmt: skip

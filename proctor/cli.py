@@ -110,6 +110,62 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dispatcher(_: argparse.Namespace) -> int:
+    import asyncio
+
+    from dispatcher.service import run_standalone
+    from proctor.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_standalone(Settings()))
+    return 0
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    import time
+
+    from sqlalchemy import select
+
+    from proctor.db import DeadLetterRow, make_engine, make_sessionmaker
+    from proctor.settings import Settings
+
+    s = Settings()
+    sm = make_sessionmaker(make_engine(s.resolved_database_url()))
+    with sm.begin() as db:
+        q = select(DeadLetterRow).where(DeadLetterRow.replayed_at.is_(None)).order_by(DeadLetterRow.id)
+        if args.lane:
+            q = q.where(DeadLetterRow.lane == args.lane)
+        if getattr(args, "ids", None):
+            q = q.where(DeadLetterRow.id.in_(args.ids))
+        rows = list(db.scalars(q).all())
+        if args.dlq_cmd == "list":
+            for r in rows:
+                d = {"id": r.id, "lane": r.lane, "event_id": r.event_id, "event_type": r.event_type,
+                     "exam_session_id": r.exam_session_id, "attempts": r.attempts, "error": r.error,
+                     "dead_at": r.dead_at, "replay_requested": r.replay_requested_at is not None}  # fmt: skip
+                print(json.dumps(d) if args.json else f"{r.id:>6} {r.lane:<8} {r.event_type:<22} {r.event_id} "
+                      f"attempts={r.attempts} {r.error[:80]}")  # fmt: skip
+            if not args.json:
+                print(f"-- {len(rows)} dead letter(s) not replayed")
+            return 0
+        if not rows:
+            print("nothing to replay")
+            return 0
+        now = time.time()
+        for r in rows:
+            r.replay_requested_at = now
+    print(f"{len(rows)} dead letter(s) queued for replay; the running dispatcher sends them on their lane")
+    return 0
+
+
+def _consume(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = {"grpc": "dispatcher.consumers.grpc_server", "kafka": "dispatcher.consumers.kafka",
+              "webhook": "dispatcher.consumers.webhook"}[args.kind]  # fmt: skip
+    return int(importlib.import_module(module).main(args.rest) or 0)
+
+
 def _config(_: argparse.Namespace) -> int:
     from proctor.settings import Settings
 
@@ -155,6 +211,25 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--role", choices=["system", "proctor", "admin"], required=True)
     k.add_argument("--label", default="")
     k.set_defaults(fn=_keys)
+
+    p = sub.add_parser("dispatcher", help="run the alert dispatcher (outbox -> gRPC, Kafka, webhooks, ...)")
+    p.set_defaults(fn=_dispatcher)
+
+    p = sub.add_parser("dlq", help="dead-lettered alerts")
+    dsub = p.add_subparsers(dest="dlq_cmd", required=True)
+    d = dsub.add_parser("list", help="dead letters not replayed")
+    d.add_argument("--lane")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=_dlq)
+    d = dsub.add_parser("replay", help="ask the dispatcher to send dead letters again on their lane")
+    d.add_argument("ids", nargs="*", type=int, help="dead letter ids (default: all)")
+    d.add_argument("--lane")
+    d.set_defaults(fn=_dlq)
+
+    p = sub.add_parser("consume", help="reference consumers: receive, verify, deduplicate, print alerts")
+    p.add_argument("kind", choices=["grpc", "kafka", "webhook"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the consumer (--help for them)")
+    p.set_defaults(fn=_consume)
 
     p = sub.add_parser("config", help="print the effective settings")
     p.set_defaults(fn=_config)

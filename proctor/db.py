@@ -69,6 +69,43 @@ class OutboxRow(Base):
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
 
 
+class CursorRow(Base):
+    """Per delivery lane (a transport, or the fallback chain): the last outbox seq it delivered."""
+
+    __tablename__ = "dispatch_cursors"
+    lane: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class LeaseRow(Base):
+    """Only one dispatcher works a SQL outbox lane at a time (the Redis outbox shares work instead)."""
+
+    __tablename__ = "dispatch_leases"
+    lane: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class DeadLetterRow(Base):
+    """Alerts a lane gave up on after its retries, with the last error; replayable."""
+
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    lane: Mapped[str] = mapped_column(String(64), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    event_id: Mapped[str] = mapped_column(String(36), index=True)
+    exam_session_id: Mapped[str] = mapped_column(String(128))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)  # when the analyzer appended the alert
+    dead_at: Mapped[float] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str] = mapped_column(Text)
+    replay_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    replayed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class AuditRow(Base):
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -77,6 +77,36 @@ class Settings(BaseSettings):
     pose_fps: float = Field(default=2.0, gt=0, description="Body pose runs per second per session")
     segmentation: bool = Field(default=True, description="Person segmentation when no face is found (presence)")
 
+    # --- outbox and dispatcher
+    outbox: str = Field(default="sql", description="Where alerts wait for delivery: sql (embedded) or redis")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for the outbox stream")
+    outbox_stream: str = Field(default="proctor:alerts", description="Redis Stream of the outbox")
+    dispatcher_embedded: bool = Field(default=True, description="Run the dispatcher inside `proctor serve`")
+    dispatch_mode: str = Field(default="fanout", description="fanout (every transport) or fallback (first that works)")
+    dispatch_order: str = Field(default="grpc,kafka,webhook,redis,livekit", description="Fallback chain order")
+    dispatch_max_attempts: int = Field(default=5, ge=1, description="Attempts before an alert is dead-lettered")
+    dispatcher_id: str | None = Field(default=None, description="Consumer name (default host-pid)")
+    dispatcher_host: str = "127.0.0.1"
+    dispatcher_port: int = Field(default=8081, description="`proctor dispatcher`: /metrics and health")
+    claim_idle_s: float = Field(default=30.0, description="Redis: claim a dead dispatcher's entries after this")
+    grpc_target: str | None = Field(default=None, description="gRPC delivery target host:port")
+    grpc_tls: bool = False
+    grpc_ca_file: str | None = None
+    grpc_cert_file: str | None = Field(default=None, description="Client certificate (mTLS)")
+    grpc_key_file: str | None = None
+    kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers")
+    kafka_topic: str = "proctoring.alerts.v1"
+    kafka_dlq_topic: str = "proctoring.alerts.dlq"
+    kafka_idempotence: str = Field(default="auto", description="auto (fall back if the broker refuses), true, false")
+    webhook_url: str | None = Field(default=None, description="Webhook endpoint (Standard Webhooks)")
+    webhook_secrets: str = Field(default="", description="Comma-separated whsec_ secrets (several for rotation)")
+    webhook_timeout_s: float = 5.0
+    redis_publish_stream: str | None = Field(default=None, description="Also XADD every alert to this stream")
+    livekit_url: str | None = None
+    livekit_api_key: str | None = None
+    livekit_api_secret: str | None = None
+    room_transport: bool = Field(default=False, description="Dispatcher sends alerts into the room (no agent)")
+
     # --- outbox (embedded)
     outbox_jsonl: Path | None = Field(
         default=None, description="JSONL copy of every alert; default <data_dir>/alerts.jsonl"

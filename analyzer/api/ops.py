@@ -30,6 +30,8 @@ async def ready(request: Request) -> JSONResponse:
     sink = st.sink.state() if getattr(st, "sink", None) else {"ok": False}
     ok = bool(models) and bool(sink.get("ok"))
     body = {"ready": ok, "models": models, "dispatcher": sink, "inference_workers": st.settings.inference_workers}
+    if getattr(st, "dispatcher", None) is not None:
+        body["delivery"] = st.dispatcher.state()
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -44,7 +46,10 @@ async def metrics(request: Request) -> Response:
         if p.role not in CAN_ADMIN:
             raise HTTPException(403, f"role '{p.role}' may not read metrics (needs admin)")
     st.metrics.queue_depth.labels("audio").set(sum(s._audio_bytes for s in st.sessions.live.values()))
-    return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(st.metrics.registry)
+    if getattr(st, "dispatcher", None) is not None:
+        body += generate_latest(st.dispatcher.metrics.registry)  # embedded dispatcher
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/v1/admin/sessions")
