@@ -36,6 +36,10 @@ from proctor.db import AuditRow, SessionRow, utcnow
 log = logging.getLogger(__name__)
 
 
+# Session metadata keys copied into every alert's metadata (docs/livekit.md).
+ROOM_KEYS = ("livekit_room", "proctor_identities", "candidate_identity")
+
+
 class SessionConflict(Exception):
     pass
 
@@ -332,7 +336,13 @@ class LiveSession:
             severity_score=ev.severity,
             ai_model_source=ev.model or self.m.models.face.name,
             evidence=ev.evidence,
-            metadata=AlertMetadata(node_id=self.m.settings.node_id, worker_id=self.m.worker_id, exam_id=self.exam_id),
+            metadata=AlertMetadata(
+                node_id=self.m.settings.node_id,
+                worker_id=self.m.worker_id,
+                exam_id=self.exam_id,
+                # Routing hints for room delivery, when the session came from a LiveKit room.
+                **{k: self.metadata[k] for k in ROOM_KEYS if k in self.metadata},
+            ),
             incident_id=ev.incident_id,
             incident_state=ev.state,
         )
