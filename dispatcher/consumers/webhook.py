@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from dispatcher.webhook_signing import (
     verify,
 )
 
-SECRETS_ENV = "PROCTOR_WEBHOOK_SECRETS"  # space-separated; keeps secrets out of `ps` output
+SECRETS_ENV = "PROCTOR_WEBHOOK_SECRETS"  # comma-separated, as for the dispatcher; keeps secrets out of `ps`
 
 
 def load_record(path: Path) -> set[str]:
@@ -178,19 +179,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--secret",
         action="append",
         default=[],
-        help=f"whsec_... secret; repeat for rotation (default: ${SECRETS_ENV}, space-separated)",
+        help=f"whsec_... secret; repeat for rotation (default: ${SECRETS_ENV}, comma-separated)",
     )
     ap.add_argument("--record", type=Path, default=None, help="file of processed ids: loaded at start, appended")
     ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_S, help="timestamp tolerance, seconds")
     ap.add_argument("--quiet", action="store_true", help="do not print alerts")
     args = ap.parse_args(argv)
-    secrets = args.secret or os.environ.get(SECRETS_ENV, "").split()
+    secrets = args.secret or os.environ.get(SECRETS_ENV, "").replace(",", " ").split()
     try:
         app = build_app(secrets, record=args.record, tolerance_s=args.tolerance, print_alerts=not args.quiet)
     except WebhookSecretError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+    def _term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the previous handler:
+    # make SIGTERM an exception too, so the counts below are printed on either.
+    signal.signal(signal.SIGTERM, _term)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     s = app.state.receiver.stats()
     print(
         f"webhook receiver: received={s['received']} unique={s['unique']} "

@@ -12,7 +12,8 @@ else is a failed attempt:
 - 3xx: redirects are not followed (a redirect would re-send a signed alert to a host the operator did not
   configure); retryable, since a 307 during a migration can be transient; the reason names the Location.
 - 5xx, 408, 409, 425, 429, timeouts, connection errors: retryable. On 429 and 503, `Retry-After`
-  (delay-seconds or HTTP-date) becomes DeliveryError.retry_after.
+  (delay-seconds or HTTP-date) becomes DeliveryError.retry_after, capped at MAX_RETRY_AFTER_S so a
+  misconfigured peer cannot park the lane for a day (the next attempt may be told to wait again).
 - any other 4xx: permanent (DeliveryError.permanent=True, the dispatcher dead-letters at once). The
   receiver has looked at this exact payload and refused it (400 malformed / stale, 401/403 signature,
   404 wrong URL, 413 too large, 422 schema); sending the same bytes again will get the same answer. A
@@ -47,6 +48,7 @@ from dispatcher.webhook_signing import validate_secrets, webhook_headers
 # 4xx that are about timing, not about the payload: retried (see module docstring).
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+MAX_RETRY_AFTER_S = 600.0
 _RESERVED_HEADERS = frozenset({"webhook-id", "webhook-timestamp", "webhook-signature", "content-type"})
 _USER_AGENT = "livekit-proctor-webhook/1"
 
@@ -186,11 +188,11 @@ class WebhookTransport:
     async def _post(self, env: Envelope) -> DeliveryError | None:
         """One attempt for one envelope; None when acknowledged (2xx), else the failure (delivered unset)."""
         assert self._client is not None
+        t0 = time.perf_counter()
         body = env.payload
         # A fresh timestamp (and thus signature) per attempt: the receiver's tolerance window applies to
         # the attempt, not to when the alert was raised; webhook-id stays the event_id.
         headers = {"content-type": "application/json", **webhook_headers(self.secrets, env.event_id, body)}
-        t0 = time.perf_counter()
         try:
             # httpx's timeout is per phase (connect, each read...); this bounds the whole request.
             async with asyncio.timeout(self.timeout_s):
@@ -212,7 +214,10 @@ class WebhookTransport:
             reason = f"webhook answered {status} redirect to {resp.headers.get('location', '?')!r} (not followed)"
         else:
             reason = f"webhook answered {status}" + (f": {detail}" if detail else "")
-        retry_after = parse_retry_after(resp.headers.get("retry-after")) if status in RETRY_AFTER_STATUSES else None
+        retry_after = None
+        if status in RETRY_AFTER_STATUSES:
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            retry_after = min(retry_after, MAX_RETRY_AFTER_S) if retry_after is not None else None
         permanent = 400 <= status < 500 and status not in RETRYABLE_4XX
         return self._failed(DeliveryError(reason, retry_after=retry_after, permanent=permanent), status)
 
