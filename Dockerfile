@@ -7,7 +7,8 @@ COPY analyzer ./analyzer
 COPY dispatcher ./dispatcher
 COPY agent ./agent
 COPY models ./models
-RUN pip install --no-cache-dir -e .
+COPY proto ./proto
+RUN pip install --no-cache-dir -e . && python -m proctor.protogen
 ENV PROCTOR_HOST=0.0.0.0 PROCTOR_PORT=8080 PROCTOR_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8080
