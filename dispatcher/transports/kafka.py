@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import CloseReason
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
@@ -33,6 +34,8 @@ from aiokafka.errors import (
     NodeNotReadyError,
     RecordTooLargeError,
     RequestTimedOutError,
+    UnknownError,
+    UnsupportedVersionError,
 )
 
 from dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, TransportStats
@@ -48,6 +51,9 @@ DEFAULT_DLQ_TOPIC = "proctoring.alerts.dlq"
 _UNREACHABLE = (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, KafkaTimeoutError, TimeoutError, OSError)
 # Retrying the same bytes cannot help: dead-letter at once.
 _PERMANENT = (MessageSizeTooLargeError, RecordTooLargeError)
+# How brokers say "no idempotence here" (tansu: UnknownError; old brokers: UnsupportedVersion; no
+# IdempotentWrite ACL: ClusterAuthorizationFailed).
+_IDEMPOTENCE_REFUSED = (UnknownError, UnsupportedVersionError, ClusterAuthorizationFailedError)
 
 IdempotenceMode = Literal["enabled", "disabled", "fallback", "pending"]
 
@@ -121,10 +127,26 @@ def _headers(env: Envelope) -> list[tuple[str, bytes]]:
     ]
 
 
+def _seal(producer: AIOKafkaProducer) -> None:
+    """Sends the open batches now instead of after linger_ms: the caller's batch is complete.
+
+    Within one send() the records are enqueued without yielding, so they are batched anyway; lingering would
+    only add linger_ms to every send. Same steps as aiokafka's own flush_for_commit(), without the wait.
+    With other aiokafka internals this does nothing and linger_ms applies.
+    """
+    acc = getattr(producer, "_message_accumulator", None)
+    with contextlib.suppress(AttributeError):
+        for batches in acc._batches.values():
+            for batch in batches:
+                batch._builder.close()
+        if not acc._waiter_future.done():
+            acc._waiter_future.set_result(None)
+
+
 def _describe(e: BaseException) -> str:
     text = str(e)
     name = type(e).__name__
-    return name if not text or text == name else f"{name}: {text}"
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
 
 
 class KafkaTransport:
@@ -178,6 +200,7 @@ class KafkaTransport:
         self._mode: IdempotenceMode = "pending" if idempotence == "auto" else "enabled" if idempotence else "disabled"
         self._fallback_reason: str | None = None
         self._conn_lost = False
+        self._idempotent_acked = False  # an idempotent produce succeeded once: later errors are not refusals
         self._lock = asyncio.Lock()  # one send / (re)connect at a time: keeps batches in outbox order
         self.stats = TransportStats()
         self.reconnects = 0
@@ -262,26 +285,19 @@ class KafkaTransport:
         if self._producer is not None:
             return self._producer
         self._conn_lost = False
-        if self.create_topics:
-            self.topics_ensured = await ensure_topics(
-                self.bootstrap,
-                {self.topic: self.partitions, self.dlq_topic: 1},
-                timeout_s=self.request_timeout_ms / 1000,
-                **self._security,
-            )
         idempotent = self._mode in ("enabled", "pending")
         try:
             self._producer = await self._start_producer(idempotent)
         except _UNREACHABLE as e:
             raise self._fail(f"kafka broker {self.bootstrap} unreachable: {_describe(e)}", 0) from e
         except KafkaError as e:
-            if self._mode == "pending":
+            if self._mode == "pending" and isinstance(e, _IDEMPOTENCE_REFUSED):
                 self._fall_back(f"InitProducerId refused: {_describe(e)}")
                 try:
                     self._producer = await self._start_producer(False)
                 except Exception as e2:
-                    raise self._fail(f"kafka broker {self.bootstrap} unreachable: {_describe(e2)}", 0) from e2
-            elif self._mode == "enabled":
+                    raise self._fail(f"kafka producer failed to start: {_describe(e2)}", 0) from e2
+            elif self._mode == "enabled" and isinstance(e, _IDEMPOTENCE_REFUSED):
                 raise self._fail(
                     f"kafka broker {self.bootstrap} refused the idempotent producer ({_describe(e)}); "
                     "it may not support idempotence: use idempotence='auto' or False",
@@ -292,6 +308,16 @@ class KafkaTransport:
         if self._mode == "pending":
             self._mode = "enabled"
             log.info("kafka transport: idempotent producer active (%s)", self.bootstrap)
+        if self.create_topics:
+            # After the producer: the broker is known to answer, so this does not double an unreachable timeout.
+            # Also after every reconnect, since a broker that restarted empty has lost its topics.
+            self.topics_ensured = await ensure_topics(
+                self.bootstrap,
+                {self.topic: self.partitions, self.dlq_topic: 1},
+                timeout_s=self.request_timeout_ms / 1000,
+                **self._security,
+            )
+            log.debug("kafka transport topics: %s", self.topics_ensured)
         return self._producer
 
     def _fall_back(self, reason: str) -> None:
@@ -306,17 +332,41 @@ class KafkaTransport:
             self.acks,
         )
 
-    async def _drop_producer(self) -> None:
+    async def _drop_producer(self, *, abort: bool = False) -> None:
         p, self._producer = self._producer, None
-        if p is not None:
+        if p is None:
+            return
+        if abort:
+            await self._abort(p)
+        else:
             await self._stop_quietly(p)
+
+    async def _abort(self, p: AIOKafkaProducer) -> None:
+        # After a failed send: drop the records still queued instead of flushing them (stop() would). Delivering
+        # them late, after the caller was told they failed and while it resends them, could put a session's
+        # alerts out of order.
+        sender = getattr(p, "_sender", None)
+        task = getattr(sender, "sender_task", None)
+        if task is None:  # a future aiokafka without these internals: plain bounded stop
+            await self._stop_quietly(p)
+            return
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 2.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(p.client.close(), 2.0)
+        p._closed = True  # keeps aiokafka's "Unclosed AIOKafkaProducer" warning quiet
 
     async def _stop_quietly(self, p: AIOKafkaProducer) -> None:
         # stop() flushes pending batches first; with the broker gone that can take forever, so bound it and
         # then tear the sender down by hand (pending records are reported failed to their futures' owners).
         try:
             await asyncio.wait_for(p.stop(), 2.0)
-        except Exception:
+        except (Exception, asyncio.CancelledError):
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise  # our own cancellation, not aiokafka's internal one
             sender = getattr(p, "_sender", None)
             task = getattr(sender, "sender_task", None)
             if task is not None and not task.done():
@@ -337,20 +387,22 @@ class KafkaTransport:
         async with self._lock:
             producer = await self._ensure_producer()
             delivered, err = await self._produce(producer, self.topic, [(e, _headers(e)) for e in batch])
+            self.stats.delivered += delivered
+            if delivered:
+                self._idempotent_acked = self._idempotent_acked or self._mode == "enabled"
             if delivered == len(batch):
-                self.stats.delivered += delivered
                 self._last_ok = time.monotonic()
                 return
             assert err is not None
-            self.stats.delivered += delivered
             permanent = isinstance(err, _PERMANENT)
             if not permanent:
                 # Whatever broke (timeout, lost broker, refusal), the next attempt gets a fresh producer.
-                await self._drop_producer()
+                await self._drop_producer(abort=True)
                 self._conn_lost = False
                 self.reconnects += 1
-                if self._mode == "enabled" and self.idempotence == "auto" and not isinstance(err, _UNREACHABLE):
-                    # Accepted InitProducerId but refuses idempotent produce requests (seen on some proxies).
+                refused = isinstance(err, _IDEMPOTENCE_REFUSED) and not self._idempotent_acked
+                if self._mode == "enabled" and self.idempotence == "auto" and refused:
+                    # Granted a producer id but refuses idempotent produce requests: same fallback.
                     self._fall_back(f"idempotent produce refused: {_describe(err)}")
             env = batch[delivered]
             raise self._fail(
@@ -362,37 +414,50 @@ class KafkaTransport:
     async def _produce(
         self, producer: AIOKafkaProducer, topic: str, records: list[tuple[Envelope, list[tuple[str, bytes]]]]
     ) -> tuple[int, BaseException | None]:
-        """Produces in order and waits for every ack; returns (leading acked count, first error)."""
+        """Produces in order, waits for the acks; returns (leading acked count, first error or None).
+
+        Stops at the first failure: what follows it is resent by the caller anyway, so neither enqueueing more
+        nor waiting for later acks helps, and a dead broker would make both wait for every batch's timeout.
+        """
+        loop = asyncio.get_running_loop()
+        # aiokafka expires a non-idempotent batch after request_timeout_ms but never an idempotent one.
+        deadline = loop.time() + self.request_timeout_ms / 1000 * 2 + self.linger_ms / 1000 + 1.0
+        failed = False
+
+        def on_done(f: asyncio.Future[Any]) -> None:
+            nonlocal failed
+            if f.cancelled() or f.exception() is not None:  # .exception() also marks it retrieved
+                failed = True
+
         futures: list[asyncio.Future[Any]] = []
-        enqueue_error: BaseException | None = None
+        error: BaseException | None = None
         try:
             for env, headers in records:
-                fut = await producer.send(
-                    topic, value=env.payload, key=env.exam_session_id.encode(), headers=headers
-                )
+                if failed or loop.time() > deadline:
+                    break
+                # Waits when the partition's batch is full (backpressure), up to request_timeout_ms.
+                fut = await producer.send(topic, value=env.payload, key=env.exam_session_id.encode(), headers=headers)
+                fut.add_done_callback(on_done)
                 futures.append(fut)
         except Exception as e:  # metadata timeout, record too large, producer closed, ...
-            enqueue_error = e
-        if futures:
-            # Idempotent batches never expire in aiokafka: bound the wait ourselves.
-            timeout = self.request_timeout_ms / 1000 * 2 + self.linger_ms / 1000 + 1.0
-            _, pending = await asyncio.wait(futures, timeout=timeout)
-            for f in pending:
-                f.cancel()
+            error = e
+        _seal(producer)
         delivered = 0
-        first_error: BaseException | None = None
         for f in futures:
-            if f.cancelled():
-                first_error = first_error or KafkaTimeoutError("no ack within the delivery timeout")
-                continue
-            exc = f.exception()  # also marks the exception retrieved
-            if exc is None and first_error is None:
-                delivered += 1
-            elif exc is not None:
-                first_error = first_error or exc
+            if not f.done():
+                remaining = deadline - loop.time()
+                if remaining > 0:
+                    await asyncio.wait([f], timeout=remaining)
+                if not f.done():
+                    error = KafkaTimeoutError(f"no ack within {self.request_timeout_ms * 2 / 1000:.1f}s")
+                    break
+            if f.cancelled() or f.exception() is not None:
+                error = KafkaError("cancelled") if f.cancelled() else f.exception()
+                break
+            delivered += 1
         if delivered == len(records):
             return delivered, None
-        return delivered, first_error or enqueue_error or KafkaError("record not produced")
+        return delivered, error or KafkaTimeoutError("delivery deadline passed before every record was enqueued")
 
     async def send_dlq(self, envelope: Envelope, error: str, transport: str) -> None:
         """Dead-letters one envelope (same key and value, the failure in headers); DeliveryError if not acked."""
@@ -413,7 +478,7 @@ class KafkaTransport:
                 return
             assert err is not None
             if not isinstance(err, _PERMANENT):
-                await self._drop_producer()
+                await self._drop_producer(abort=True)
                 self._conn_lost = False
             raise self._fail(
                 f"kafka DLQ {self.dlq_topic}: seq {envelope.seq} not acked: {_describe(err)}",
