@@ -187,7 +187,7 @@ def test_ten_thousand_alerts_survive_every_peer_and_the_dispatcher_dying(tmp_pat
     # instance killed with -9 cannot, so these are lower bounds), and the dispatcher's retries.
     for k, log_name in (("grpc", "grpc"), ("kafka", "kafka-consumer"), ("webhook", "webhook")):
         text = (logs / f"{log_name}.log").read_text(errors="replace")
-        counts = [int(a or b) for a, b in re.findall(r"duplicates=(\d+)|(\d+) duplicates", text)]
+        counts = [int(a or b) for a, b in re.findall(r"\bduplicates=(\d+)|, (\d+) duplicates", text)]
         report["targets"][k]["duplicates"] = sum(counts)
     report["retries"] = {n: s["failed_attempts"] for n, s in health["lanes"].items()}
     report["dead_letters"] = sum(s["dead_lettered"] for s in health["lanes"].values())
