@@ -176,3 +176,27 @@ async def test_redis_outbox_shared_by_two_dispatchers_and_claims_a_dead_ones_wor
     got = [f["event_id"] for f in await out_stream(url)]
     assert set(got) == {a.event_id for a in sent}
     assert b.states["redis"].delivered > 0 and c.states["redis"].delivered > 0  # work was shared
+
+
+async def test_fallback_chain_uses_the_first_transport_that_works(sm, redis_server: RedisServer) -> None:
+    from dispatcher.engine import FallbackChain
+
+    down = RedisStreamTransport(f"redis://127.0.0.1:{free_port()}/0", "primary", retry=FAST)
+    down.name = "primary"
+    up = RedisStreamTransport(redis_server.url, "secondary", retry=FAST)
+    up.name = "secondary"
+    chain = FallbackChain([down, up], FAST)
+    outbox = SqlOutbox(sm, None)
+    sent = [alert(i) for i in range(20)]
+    for a in sent:
+        await outbox.publish(a)
+    d = Dispatcher(SqlSource(sm, "d1"), [chain], sm)
+    await d.start()
+
+    async def arrived() -> bool:
+        return len(await out_stream(redis_server.url, "secondary")) == 20
+
+    await wait_until(arrived)
+    await d.stop()
+    assert [f["event_id"] for f in await out_stream(redis_server.url, "secondary")] == [a.event_id for a in sent]
+    assert chain.used == {"primary": 0, "secondary": 20} and d.states["fallback"].dead_lettered == 0
