@@ -166,6 +166,48 @@ def _consume(args: argparse.Namespace) -> int:
     return int(importlib.import_module(module).main(args.rest) or 0)
 
 
+def _token(args: argparse.Namespace) -> int:
+    """A LiveKit room token with the attributes the proctoring agent reads (docs/livekit.md)."""
+    from livekit import api
+
+    from proctor.settings import Settings
+
+    s = Settings()
+    key, secret = args.api_key or s.livekit_api_key, args.api_secret or s.livekit_api_secret
+    if not key or not secret:
+        print("error: set PROCTOR_LIVEKIT_API_KEY and PROCTOR_LIVEKIT_API_SECRET (or --api-key/--api-secret)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    attrs = {"role": args.role}
+    if args.role == "candidate":
+        attrs.update(
+            {
+                "exam_session_id": args.exam_session_id or f"{args.room}-{args.identity}",
+                "candidate_id": args.candidate_id or args.identity,
+                "exam_id": args.exam_id or args.room,
+            }
+        )
+    grants = api.VideoGrants(room_join=True, room=args.room, can_publish=args.role == "candidate",
+                             can_subscribe=True, can_publish_data=True)  # fmt: skip
+    tok = (
+        api.AccessToken(key, secret)
+        .with_identity(args.identity)
+        .with_name(args.name or args.identity)
+        .with_attributes(attrs)
+        .with_grants(grants)
+    )
+    if args.dispatch:
+        tok = tok.with_room_config(api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name=s.agent_name)]))
+    print(tok.to_jwt())
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from agent.worker import main as agent_main
+
+    return int(agent_main(args.rest) or 0)
+
+
 def _config(_: argparse.Namespace) -> int:
     from proctor.settings import Settings
 
@@ -230,6 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("kind", choices=["grpc", "kafka", "webhook"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the consumer (--help for them)")
     p.set_defaults(fn=_consume)
+
+    p = sub.add_parser("token", help="mint a LiveKit room token with the proctoring attributes")
+    p.add_argument("--room", required=True)
+    p.add_argument("--identity", required=True)
+    p.add_argument("--role", choices=["candidate", "proctor"], required=True)
+    p.add_argument("--name")
+    p.add_argument("--exam-session-id")
+    p.add_argument("--candidate-id")
+    p.add_argument("--exam-id")
+    p.add_argument("--dispatch", action="store_true", help="ask LiveKit to dispatch the proctoring agent")
+    p.add_argument("--api-key")
+    p.add_argument("--api-secret")
+    p.set_defaults(fn=_token)
+
+    p = sub.add_parser("agent", help="run the LiveKit agent worker (args go to the worker: start, dev, ...)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=_agent)
 
     p = sub.add_parser("config", help="print the effective settings")
     p.set_defaults(fn=_config)

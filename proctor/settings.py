@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     webhook_secrets: str = Field(default="", description="Comma-separated whsec_ secrets (several for rotation)")
     webhook_timeout_s: float = 5.0
     redis_publish_stream: str | None = Field(default=None, description="Also XADD every alert to this stream")
+    agent_name: str = Field(default="proctor", description="Agent name for explicit dispatch")
     livekit_url: str | None = None
     livekit_api_key: str | None = None
     livekit_api_secret: str | None = None

@@ -125,3 +125,24 @@ def test_serve_first_start_prints_a_working_admin_key(tmp_path: Path) -> None:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert key in out  # shown once on first start
+
+
+def test_token_carries_the_attributes_the_agent_reads(tmp_path: Path) -> None:
+    import os
+
+    from livekit import api
+
+    env = {**os.environ, "PROCTOR_LIVEKIT_API_KEY": "devkey", "PROCTOR_LIVEKIT_API_SECRET": "s" * 32}
+    r = subprocess.run([sys.executable, "-m", "proctor.cli", "token", "--room", "exam-7", "--identity", "alice",
+                        "--role", "candidate", "--exam-id", "math-101", "--dispatch"],
+                       capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    claims = api.TokenVerifier("devkey", "s" * 32).verify(r.stdout.strip())
+    assert claims.identity == "alice" and claims.video.room == "exam-7" and claims.video.can_publish
+    assert claims.attributes == {"role": "candidate", "exam_session_id": "exam-7-alice", "candidate_id": "alice",
+                                 "exam_id": "math-101"}  # fmt: skip
+    assert [a.agent_name for a in claims.room_config.agents] == ["proctor"]
+    r = subprocess.run([sys.executable, "-m", "proctor.cli", "token", "--room", "exam-7", "--identity", "bob",
+                        "--role", "proctor"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    claims = api.TokenVerifier("devkey", "s" * 32).verify(r.stdout.strip())
+    assert claims.attributes == {"role": "proctor"} and not claims.video.can_publish
