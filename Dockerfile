@@ -1,4 +1,5 @@
-# The analyzer service (the same image runs the dispatcher and agent once they exist).
+# One image for the analyzer (`proctor serve`), the dispatcher (`proctor dispatcher`) and the agent
+# (`proctor agent start`); compose.yaml runs all three.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -8,7 +9,7 @@ COPY dispatcher ./dispatcher
 COPY agent ./agent
 COPY models ./models
 COPY proto ./proto
-RUN pip install --no-cache-dir -e . && python -m proctor.protogen
+RUN pip install --no-cache-dir -e '.[postgres]' && python -m proctor.protogen
 ENV PROCTOR_HOST=0.0.0.0 PROCTOR_PORT=8080 PROCTOR_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8080
