@@ -34,7 +34,7 @@ from typing import IO, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from dispatcher.transports.kafka import DEFAULT_TOPIC, ensure_topics, watch_connection_loss
+from dispatcher.transports.kafka import DEFAULT_TOPIC, ensure_topics, stray_cancel, watch_connection_loss
 
 log = logging.getLogger("proctor.consumer.kafka")
 
@@ -62,12 +62,12 @@ class ConsumerStats:
     unique: int = 0
     duplicates: int = 0
     invalid: int = 0
-    rebuilds: int = 0  # consumer re-created after a lost broker connection or an error
+    reconnects: int = 0  # consumers dropped for a lost broker connection or an error, and re-created
 
     def summary(self) -> str:
         return (
             f"kafka consumer: {self.received} received, {self.unique} new, {self.duplicates} duplicates, "
-            f"{self.invalid} invalid, {self.rebuilds} reconnects"
+            f"{self.invalid} invalid, {self.reconnects} reconnects"
         )
 
 
@@ -132,12 +132,10 @@ async def _close_quietly(consumer: AIOKafkaConsumer) -> None:
     # but not a cancellation of our task.
     try:
         await asyncio.wait_for(consumer.stop(), 3.0)
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+    except (Exception, asyncio.CancelledError) as e:
+        if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
             raise
-    except Exception as e:
-        log.debug("kafka consumer stop: %s", e)
+        log.debug("kafka consumer stop: %r", e)
 
 
 async def consume(
@@ -160,13 +158,15 @@ async def consume(
     stats = stats if stats is not None else ConsumerStats()
     sink = _Sink(Path(record) if record is not None else None, print_alerts, out or sys.stdout, stats)
     backoff = 0.2
-    first = True
     try:
         while not stop.is_set():
-            if not first:
-                stats.rebuilds += 1
-            first = False
             lost = asyncio.Event()
+
+            def on_loss(lost: asyncio.Event = lost) -> None:
+                if not lost.is_set():  # counted here, not when noticed: a stop may come first
+                    stats.reconnects += 1
+                    lost.set()
+
             # The topic may not exist yet, or no longer (a broker that restarted empty): create it rather than
             # wait for a producer to auto-create it.
             await ensure_topics(bootstrap, {topic: partitions}, timeout_s=3.0, **security)
@@ -184,11 +184,13 @@ async def consume(
                 request_timeout_ms=10000,
                 **security,
             )
-            watch_connection_loss(consumer._client, lost.set)
+            watch_connection_loss(consumer._client, on_loss)
             try:
                 await asyncio.wait_for(consumer.start(), 10.0)
-            except (KafkaError, OSError, TimeoutError) as e:
-                log.warning("kafka consumer cannot start (%s: %s); retrying in %.1fs", type(e).__name__, e, backoff)
+            except (Exception, asyncio.CancelledError) as e:
+                if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
+                    raise
+                log.warning("kafka consumer cannot start (%r); retrying in %.1fs", e, backoff)
                 await _close_quietly(consumer)
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -196,9 +198,14 @@ async def consume(
             try:
                 await _poll(consumer, sink, stop, lost)
                 backoff = 0.2
-            except (KafkaError, OSError) as e:
-                # UnknownTopicOrPartition, OffsetOutOfRange without reset, coordinator errors, ...: start over.
-                log.warning("kafka consumer error (%s: %s); reconnecting", type(e).__name__, e)
+            except (Exception, asyncio.CancelledError) as e:
+                # UnknownTopicOrPartition, OffsetOutOfRange without reset, coordinator errors, a stopped
+                # consumer, a CancelledError leaked by aiokafka, ...: start over with a fresh consumer.
+                if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
+                    raise
+                log.warning("kafka consumer error (%r); reconnecting", e)
+                if not lost.is_set():
+                    stats.reconnects += 1
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
@@ -228,7 +235,7 @@ async def _poll(consumer: AIOKafkaConsumer, sink: _Sink, stop: asyncio.Event, lo
                 await asyncio.wait_for(consumer.commit(offsets), 5.0)
             except (KafkaError, TimeoutError) as e:
                 # A rebalance or a restart: the records are recorded, a redelivery is only a duplicate.
-                log.warning("kafka consumer: commit failed (%s: %s)", type(e).__name__, e)
+                log.warning("kafka consumer: commit failed (%r)", e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,15 @@ _IDEMPOTENCE_REFUSED = (UnknownError, UnsupportedVersionError, ClusterAuthorizat
 IdempotenceMode = Literal["enabled", "disabled", "fallback", "pending"]
 
 
+def stray_cancel(e: BaseException) -> bool:
+    """True for a CancelledError that aiokafka leaked from one of its own tasks (e.g. aio-libs/aiokafka#647,
+    stop() soon after start()), False for anything else, including a real cancellation of the current task."""
+    if not isinstance(e, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is None or not task.cancelling()
+
+
 def watch_connection_loss(client: Any, on_loss: Callable[[], None]) -> None:
     """Calls on_loss when one of the client's broker connections breaks (the broker died or restarted).
 
@@ -96,11 +105,15 @@ async def ensure_topics(
         for err in resp.topic_errors:
             name, code = err[0], err[1]
             result[name] = "created" if code == 0 else "exists" if code == 36 else f"error {code}: {err[-1]}"
-    except Exception as e:  # unreachable, not authorised, ...: produce / auto-create may still work
+    except (Exception, asyncio.CancelledError) as e:  # unreachable, not authorised, ...: auto-create may work
+        if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
+            raise
         result = {t: f"error {type(e).__name__}: {e}" for t in topics}
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(admin.close(), timeout_s)
+    try:
+        await asyncio.wait_for(admin.close(), timeout_s)
+    except (Exception, asyncio.CancelledError) as e:
+        if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
+            raise
     return result
 
 
@@ -363,9 +376,8 @@ class KafkaTransport:
         # then tear the sender down by hand (pending records are reported failed to their futures' owners).
         try:
             await asyncio.wait_for(p.stop(), 2.0)
-        except (Exception, asyncio.CancelledError):
-            me = asyncio.current_task()
-            if me is not None and me.cancelling():
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
                 raise  # our own cancellation, not aiokafka's internal one
             sender = getattr(p, "_sender", None)
             task = getattr(sender, "sender_task", None)
@@ -385,8 +397,18 @@ class KafkaTransport:
         if not batch:
             return
         async with self._lock:
-            producer = await self._ensure_producer()
-            delivered, err = await self._produce(producer, self.topic, [(e, _headers(e)) for e in batch])
+            try:
+                producer = await self._ensure_producer()
+                delivered, err = await self._produce(producer, self.topic, [(e, _headers(e)) for e in batch])
+            except DeliveryError:
+                raise
+            except (Exception, asyncio.CancelledError) as e:
+                # Not a failure mode we know: report it as a retriable delivery failure rather than let it (or
+                # a CancelledError leaked by aiokafka) take down the dispatcher lane. Nothing counted as acked.
+                if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
+                    raise
+                await self._drop_producer(abort=True)
+                raise self._fail(f"kafka: unexpected {_describe(e)}", 0) from e
             self.stats.delivered += delivered
             if delivered:
                 self._idempotent_acked = self._idempotent_acked or self._mode == "enabled"
@@ -470,8 +492,16 @@ class KafkaTransport:
             ("dead_lettered_at", repr(time.time()).encode()),
         ]
         async with self._lock:
-            producer = await self._ensure_producer()
-            delivered, err = await self._produce(producer, self.dlq_topic, [(envelope, headers)])
+            try:
+                producer = await self._ensure_producer()
+                delivered, err = await self._produce(producer, self.dlq_topic, [(envelope, headers)])
+            except DeliveryError:
+                raise
+            except (Exception, asyncio.CancelledError) as e:
+                if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
+                    raise
+                await self._drop_producer(abort=True)
+                raise self._fail(f"kafka DLQ: unexpected {_describe(e)}", 0) from e
             if delivered == 1:
                 self.dead_lettered += 1
                 self._last_ok = time.monotonic()
