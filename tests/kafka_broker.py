@@ -16,6 +16,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from types import TracebackType
 
@@ -34,6 +35,12 @@ def tansu_binary() -> Path | None:
         if p.is_file() and os.access(p, os.X_OK):
             return p
     return None
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def free_port() -> int:
@@ -110,6 +117,8 @@ class TansuBroker:
             env={**os.environ, "RUST_LOG": os.environ.get("TANSU_RUST_LOG", "warn")},
         )
         log.close()
+        # A test or script that dies without stop() must not leave the broker running (also runs at exit).
+        weakref.finalize(self, _reap, self.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
