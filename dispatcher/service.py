@@ -45,7 +45,9 @@ def build_transports(s: Settings) -> list[Transport]:
         secrets = [x.strip() for x in s.webhook_secrets.split(",") if x.strip()]
         if not secrets:
             raise ValueError("PROCTOR_WEBHOOK_URL needs PROCTOR_WEBHOOK_SECRETS (whsec_...)")
-        out["webhook"] = WebhookTransport(s.webhook_url, secrets, timeout_s=s.webhook_timeout_s, retry=retry)
+        out["webhook"] = WebhookTransport(
+            s.webhook_url, secrets, timeout_s=s.webhook_timeout_s, retry=retry, concurrency=s.webhook_concurrency
+        )
     if s.redis_publish_stream:
         from dispatcher.transports.redis_stream import RedisStreamTransport
 

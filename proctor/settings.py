@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     webhook_url: str | None = Field(default=None, description="Webhook endpoint (Standard Webhooks)")
     webhook_secrets: str = Field(default="", description="Comma-separated whsec_ secrets (several for rotation)")
     webhook_timeout_s: float = 5.0
+    webhook_concurrency: int = Field(
+        default=1, ge=1, le=64, description="Parallel POSTs (across sessions; each session stays in order)"
+    )
     redis_publish_stream: str | None = Field(default=None, description="Also XADD every alert to this stream")
     agent_name: str = Field(default="proctor", description="Agent name for explicit dispatch")
     livekit_url: str | None = None
