@@ -57,6 +57,18 @@ def load_rgb(rel: str) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def oep_frames(n: int) -> list[str]:
+    """n OEP frame paths (relative to the shared data), spread over subjects and conditions; skips if absent."""
+    d = shared_data()
+    labels = d / "faces" / "webcam_oep" / "labels.csv" if d else None
+    if labels is None or not labels.is_file():
+        pytest.skip("shared OEP frames not available")
+    with labels.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    step = max(1, len(rows) // n)
+    return [r["file"] for r in rows[::step][:n]]
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = shared_data()

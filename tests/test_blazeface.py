@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,22 +13,10 @@ pytest.importorskip("ai_edge_litert")
 
 from analyzer.detectors.base import Face  # noqa: E402
 from analyzer.detectors.blazeface import BlazeFaceDetector, model_file, ssd_anchors  # noqa: E402
-from tests.conftest import load_rgb, shared_data  # noqa: E402
+from tests.conftest import load_rgb, oep_frames, shared_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 data_dir = shared_data  # None when ../shared/data is absent
-
-
-def oep_frames(n: int) -> list[str]:
-    d = data_dir()
-    labels = d / "faces" / "webcam_oep" / "labels.csv" if d else None
-    if labels is None or not labels.is_file():
-        pytest.skip("shared OEP frames not available")
-    with labels.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    # Spread over the list so several subjects and conditions are covered.
-    step = max(1, len(rows) // n)
-    return [r["file"] for r in rows[::step][:n]]
 
 
 @pytest.fixture(scope="module")

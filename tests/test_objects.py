@@ -24,7 +24,7 @@ from analyzer.detectors.objects import (  # noqa: E402
     load_object_detector,
     nms_classwise,
 )
-from tests.conftest import load_rgb, shared_data  # noqa: E402
+from tests.conftest import load_rgb, oep_frames, shared_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 data_dir = shared_data  # None when ../shared/data is absent
@@ -39,17 +39,6 @@ def face_counts() -> list[tuple[str, int]]:
         pytest.skip("shared multi_face photos not available")
     with labels.open(newline="") as f:
         return [(r["file"], int(r["face_count"])) for r in csv.DictReader(f)]
-
-
-def oep_frames(n: int) -> list[str]:
-    d = data_dir()
-    labels = d / "faces" / "webcam_oep" / "labels.csv" if d else None
-    if labels is None or not labels.is_file():
-        pytest.skip("shared OEP frames not available")
-    with labels.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    step = max(1, len(rows) // n)
-    return [r["file"] for r in rows[::step][:n]]
 
 
 def persons(dets: list[Detection]) -> list[Detection]:
