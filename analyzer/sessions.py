@@ -393,16 +393,17 @@ class LiveSession:
         self.subscribers.discard(sub)
 
     def stats(self) -> dict[str, Any]:
+        risk = self.engine.risk.score(self.last_media_ts or time.time())
         return {
             "frames_processed": self.counters.frames_analysed,
             "frames_received": self.counters.frames_received,
             "frames_dropped": self.counters.frames_dropped,
             "alerts_triggered": sum(self.counters.alerts_by_type.values()),
-            "audio_seconds": self.counters.public().audio_seconds,
+            "audio_seconds": round(self.counters.audio_bytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH), 3),
             "audio_queue_fill": round(self.audio_fill(), 3),
             "last_face_verification": self.last_verification_at.isoformat() if self.last_verification_at else None,
-            "risk_score": self.engine.risk.score(self.last_media_ts or time.time()),
-            "risk_band": self.engine.risk.band(self.engine.risk.score(self.last_media_ts or time.time())),
+            "risk_score": risk,
+            "risk_band": self.engine.risk.band(risk),
         }
 
     async def close(self, reason: str) -> None:
