@@ -71,6 +71,10 @@ class Counters:
     feedback_sent: int = 0
     alerts_by_type: Counter[str] = field(default_factory=Counter)
 
+    @property
+    def audio_seconds(self) -> float:
+        return round(self.audio_bytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH), 3)
+
     def public(self) -> SessionCounters:
         return SessionCounters(
             frames_received=self.frames_received,
@@ -79,7 +83,7 @@ class Counters:
             frames_sampled_out=self.frames_sampled_out,
             frames_rejected=self.frames_rejected,
             audio_chunks=self.audio_chunks,
-            audio_seconds=round(self.audio_bytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH), 3),
+            audio_seconds=self.audio_seconds,
             audio_rejected=self.audio_rejected,
             messages_malformed=self.messages_malformed,
             feedback_sent=self.feedback_sent,
@@ -399,7 +403,7 @@ class LiveSession:
             "frames_received": self.counters.frames_received,
             "frames_dropped": self.counters.frames_dropped,
             "alerts_triggered": sum(self.counters.alerts_by_type.values()),
-            "audio_seconds": round(self.counters.audio_bytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH), 3),
+            "audio_seconds": self.counters.audio_seconds,
             "audio_queue_fill": round(self.audio_fill(), 3),
             "last_face_verification": self.last_verification_at.isoformat() if self.last_verification_at else None,
             "risk_score": risk,
