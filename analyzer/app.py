@@ -26,6 +26,7 @@ from analyzer.sessions import SessionManager
 from analyzer.stream import router as stream_router
 from dispatcher.outbox import SqlOutbox
 from proctor import __version__
+from proctor.datadir import prepare_data_dir
 from proctor.db import make_engine, make_sessionmaker
 from proctor.settings import Settings
 
@@ -37,7 +38,7 @@ def _stream_secret(settings: Settings) -> bytes:
         return settings.stream_secret.encode()
     path = settings.data_dir / "stream-secret"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _install_redaction()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings)  # 0700 / 0600, tightened from older installs
         engine = make_engine(settings.resolved_database_url())
         sm = make_sessionmaker(engine)
         st = app.state

@@ -27,6 +27,7 @@ from analyzer.metrics import Metrics
 from analyzer.pipeline import FrameDecodeError, InferencePool, ModelClock, ModelSet, Sampler
 from analyzer.rules.engine import RuleEngine, RuleEvent
 from analyzer.rules.policy import effective_policy
+from dispatcher import retention
 from dispatcher.outbox import AlertSink
 from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, ts_to_iso
 from proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
@@ -584,6 +585,7 @@ class SessionManager:
                         await self._expire(sid)
                 await self.flush_counters()
                 await asyncio.to_thread(self.prune_ended)
+                await retention.purge_due(self.settings, self.sm)  # outbox, DLQ, audit, alerts.jsonl
             except Exception:
                 log.exception("housekeeping failed")
 

@@ -8,7 +8,6 @@ the dispatcher) and appends it to a JSONL file for operators and quick tests.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
+from dispatcher import jsonl
 from proctor.contracts.alerts import Alert
 from proctor.db import OutboxRow
 
@@ -32,11 +32,10 @@ class SqlOutbox:
     def __init__(self, sm: sessionmaker, jsonl_path: Path | None) -> None:
         self._sm = sm
         self._jsonl = jsonl_path
-        self._lock = threading.Lock()  # one writer to the JSONL file at a time
         self.appended = 0
         self.last_error: str | None = None
         if jsonl_path is not None:
-            jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            jsonl_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def append(self, alert: Alert) -> None:
         payload = alert.to_json()
@@ -51,8 +50,7 @@ class SqlOutbox:
                 )
             )
         if self._jsonl is not None:
-            with self._lock, self._jsonl.open("a", encoding="utf-8") as f:
-                f.write(payload + "\n")
+            jsonl.append(self._jsonl, [payload])  # locked against other writers and the pruner
         self.appended += 1
 
     async def publish(self, alert: Alert) -> None:
@@ -84,7 +82,6 @@ class RedisOutbox:
         self.r = client
         self.stream = stream
         self._jsonl = jsonl_path
-        self._lock = threading.Lock()
         self.appended = 0
         self.last_error: str | None = None
 
@@ -111,8 +108,7 @@ class RedisOutbox:
 
     def _write_jsonl(self, payload: str) -> None:
         assert self._jsonl is not None
-        with self._lock, self._jsonl.open("a", encoding="utf-8") as f:
-            f.write(payload + "\n")
+        jsonl.append(self._jsonl, [payload])
 
     def state(self) -> dict[str, object]:
         return {"kind": "redis_stream", "stream": self.stream, "appended": self.appended,

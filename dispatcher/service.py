@@ -16,6 +16,7 @@ from dispatcher.engine import Dispatcher, FallbackChain
 from dispatcher.metrics import DispatchMetrics
 from dispatcher.source import OutboxSource, RedisSource, SqlSource
 from dispatcher.transports.base import RetryPolicy, Transport
+from proctor.datadir import prepare_data_dir
 from proctor.db import make_engine, make_sessionmaker
 from proctor.settings import Settings
 
@@ -62,6 +63,14 @@ def build_transports(s: Settings) -> list[Transport]:
     return [out[n] for n in order if n in out] + [t for n, t in out.items() if n not in order]
 
 
+def lane_names(s: Settings) -> list[str]:
+    """The lanes build_dispatcher runs for these settings, without building transports (for retention)."""
+    on = {"grpc": bool(s.grpc_target), "kafka": bool(s.kafka_bootstrap), "webhook": bool(s.webhook_url),
+          "redis": bool(s.redis_publish_stream), "livekit": s.room_transport}  # fmt: skip
+    names = [n for n, enabled in on.items() if enabled]
+    return ["fallback"] if s.dispatch_mode == "fallback" and len(names) > 1 else names
+
+
 def dispatcher_id(s: Settings) -> str:
     return s.dispatcher_id or f"{socket.gethostname()}-{os.getpid()}"
 
@@ -97,7 +106,7 @@ async def run_standalone(s: Settings) -> None:
     from fastapi import FastAPI, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    s.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(s)
     engine = make_engine(s.resolved_database_url())
     sm = make_sessionmaker(engine)
     d = build_dispatcher(s, sm)

@@ -157,6 +157,7 @@ class SqlSource:
 
 
 STREAM = "proctor:alerts"
+GROUP_PREFIX = "proctor-dispatch:"  # + lane: the consumer group of a lane
 
 
 def redis_seq(entry_id: str) -> int:
@@ -178,7 +179,7 @@ class RedisSource:
         self._own_pending_done: set[str] = set()
 
     def group(self, lane: str) -> str:
-        return f"proctor-dispatch:{lane}"
+        return f"{GROUP_PREFIX}{lane}"
 
     async def _ensure_group(self, lane: str) -> None:
         if lane in self._groups:

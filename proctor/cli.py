@@ -100,11 +100,12 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace) -> int:
     from analyzer.auth import KeyStore
+    from proctor.datadir import prepare_data_dir
     from proctor.db import make_engine, make_sessionmaker
     from proctor.settings import Settings
 
     s = Settings()
-    s.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(s)
     store = KeyStore(make_sessionmaker(make_engine(s.resolved_database_url())))
     print(store.create(args.role, args.label))
     return 0
@@ -155,6 +156,30 @@ def _dlq(args: argparse.Namespace) -> int:
         for r in rows:
             r.replay_requested_at = now
     print(f"{len(rows)} dead letter(s) queued for replay; the running dispatcher sends them on their lane")
+    return 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    """Applies the retention settings once (cron): one line of what it removed; exit 1 with one line on failure."""
+    from dispatcher.retention import purge
+    from proctor.db import make_engine, make_sessionmaker, sqlite_path
+    from proctor.settings import Settings
+
+    try:
+        s = Settings()
+        db = sqlite_path(s.resolved_database_url())
+        if db is not None and not db.exists():  # e.g. cron's working directory is not the server's
+            raise FileNotFoundError(f"no database at {db} (set PROCTOR_DATA_DIR or PROCTOR_DATABASE_URL)")
+        engine = make_engine(s.resolved_database_url())
+        try:
+            report = purge(s, make_sessionmaker(engine), dry_run=args.dry_run)
+        finally:
+            engine.dispose()
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [""])[0]
+        print(f"error: purge failed: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
+    print(report.line())
     return 0
 
 
@@ -267,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("ids", nargs="*", type=int, help="dead letter ids (default: all)")
     d.add_argument("--lane")
     d.set_defaults(fn=_dlq)
+
+    p = sub.add_parser("purge", help="delete data past its retention (outbox, dead letters, audit, alerts.jsonl)")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
+    p.set_defaults(fn=_purge)
 
     p = sub.add_parser("consume", help="reference consumers: receive, verify, deduplicate, print alerts")
     p.add_argument("kind", choices=["grpc", "kafka", "webhook"])

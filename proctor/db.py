@@ -7,7 +7,10 @@ them through asyncio.to_thread so the event loop never waits on the database.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -20,7 +23,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
@@ -116,8 +119,23 @@ class AuditRow(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a file-backed SQLite URL, else None (PostgreSQL, :memory:, URI filenames)."""
+    u = make_url(url)
+    db = u.database
+    if u.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
+
 def make_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {"future": True}
+    path = sqlite_path(url)
+    if path is not None and path.parent.is_dir():
+        # SQLite would create the file 0644 and gives -wal / -shm the file's mode: create it private
+        # first (an empty file is an empty database).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)

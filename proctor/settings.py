@@ -116,6 +116,21 @@ class Settings(BaseSettings):
         default=None, description="JSONL copy of every alert; default <data_dir>/alerts.jsonl"
     )
 
+    # --- retention (0 keeps that kind of data forever; docs/operations.md "How long each kind of data lives")
+    outbox_retention_s: int = Field(
+        default=7 * 86400, ge=0, description="Outbox rows every lane delivered are deleted this long after append"
+    )
+    alerts_jsonl_retention_s: int = Field(
+        default=7 * 86400, ge=0, description="alerts.jsonl lines are removed this long after the alert's timestamp"
+    )
+    audit_retention_s: int = Field(default=90 * 86400, ge=0, description="Audit log rows are deleted after this")
+    dlq_retention_s: int = Field(
+        default=30 * 86400, ge=0, description="Dead letters never replayed are deleted this long after dying"
+    )
+    purge_interval_s: float = Field(
+        default=3600.0, ge=0, description="How often the running server applies retention (0: only `proctor purge`)"
+    )
+
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'proctor.db').as_posix()}"
 
