@@ -31,6 +31,11 @@ class AgentSettings(BaseSettings):
         default=30.0, ge=0, description="A candidate who left and is not back within this ends the session"
     )
 
+    log_format: str | None = Field(
+        default=None, description="json or text; default json for `start`, text for `dev` (PROCTOR_LOG_FORMAT)"
+    )
+    log_level: str | None = Field(default=None, description="default INFO for `start`, DEBUG for `dev`")
+
     def resolved_livekit(self) -> tuple[str, str, str]:
         """(url, key, secret); empty strings where neither PROCTOR_LIVEKIT_* nor LIVEKIT_* is set."""
         return (

@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.config import AgentSettings
 from agent.load import AnalyzerLoad
+from proctor import observability
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--url", help="LiveKit server URL (default PROCTOR_LIVEKIT_URL or LIVEKIT_URL)")
         sp.add_argument("--api-key")
         sp.add_argument("--api-secret")
-        sp.add_argument("--log-level", default="DEBUG" if name == "dev" else "INFO")
-        sp.add_argument("--log-format", choices=["json", "colored"], default="colored" if name == "dev" else "json")
+        sp.add_argument("--log-level", help="default PROCTOR_LOG_LEVEL, else " + ("DEBUG" if name == "dev" else "INFO"))
+        sp.add_argument(
+            "--log-format",
+            choices=["json", "text", "colored"],  # colored: livekit-agents' name for text
+            help="default PROCTOR_LOG_FORMAT, else " + ("text" if name == "dev" else "json"),
+        )
     return p
 
 
@@ -94,17 +99,40 @@ def main(argv: list[str] | None = None) -> int:
     from livekit.agents.cli import cli as lk_cli
     from livekit.agents.cli import proto
 
+    dev = args.command == "dev"
+    log_level = (args.log_level or settings.log_level or ("DEBUG" if dev else "INFO")).upper()
+    log_format = args.log_format or settings.log_format or ("text" if dev else "json")
+    log_format = "text" if log_format == "colored" else log_format.lower()
+    if log_format not in observability.LOG_FORMATS:
+        print(f"error: log format must be json or text, not {log_format!r}", file=sys.stderr)
+        return 2
+    lk_setup_logging = lk_cli.setup_logging
+
+    def setup_logging(level: str, *rest: Any, **kw: Any) -> None:
+        # livekit-agents' runner sets up logging itself: keep its logger levels, put our handler in place
+        # of its own so the agent's records share the analyzer's format (proctor.observability).
+        root = logging.getLogger()
+        before = set(root.handlers)
+        lk_setup_logging(level, *rest, **kw)
+        added = [h for h in root.handlers if h not in before]
+        for h in added:
+            root.removeHandler(h)
+        ours = observability.configure_logging(log_format, level)
+        for f in (f for h in added for f in h.filters):
+            ours.addFilter(f)  # livekit's global fields (e.g. region)
+
+    lk_cli.setup_logging = setup_logging
     server = build_server(settings)
     # livekit-agents' own runner: signal handling, graceful drain on SIGTERM, logging setup.
     lk_cli._run_worker(
         server,
         proto.CliArgs(
-            log_level=args.log_level,
+            log_level=log_level,
             url=url,
             api_key=key,
             api_secret=secret,
-            log_format=args.log_format,
-            dev=args.command == "dev",
+            log_format="colored" if log_format == "text" else "json",
+            dev=dev,
         ),
     )
     return 0

@@ -10,6 +10,7 @@ number of sessions whatever the clients send.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from analyzer.detectors.base import (
 )
 from analyzer.metrics import Metrics
 from analyzer.signals import FrameSignals
+from proctor import observability
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,9 +169,10 @@ class ModelSet:
         ran = [self.face.name]
 
         def timed(name: str, fn: Callable[[], T]) -> T:
-            t0 = time.perf_counter()
-            out = fn()
-            lat[name] = (time.perf_counter() - t0) * 1000
+            with observability.model_span(name):
+                t0 = time.perf_counter()
+                out = fn()
+                lat[name] = (time.perf_counter() - t0) * 1000
             return out
 
         faces = timed(self.face.name, lambda: self.face.detect(rgb))
@@ -215,9 +218,10 @@ class ModelSet:
         return sig
 
     def analyze_jpeg(self, jpeg: bytes, seq: int, ts: float, clock: ModelClock | None = None) -> FrameSignals:
-        t0 = time.perf_counter()
-        rgb = decode_jpeg(jpeg)
-        decode_ms = (time.perf_counter() - t0) * 1000
+        with observability.span("decode jpeg"):
+            t0 = time.perf_counter()
+            rgb = decode_jpeg(jpeg)
+            decode_ms = (time.perf_counter() - t0) * 1000
         sig = self.analyze_rgb(rgb, seq, ts, clock)
         sig.latency_ms["jpeg_decode"] = decode_ms
         return sig
@@ -270,7 +274,10 @@ class InferencePool:
         if self._metrics:
             self._metrics.queue_depth.labels("inference").set(self.inflight)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            # The caller's context goes along (run_in_executor does not carry it): its trace span and
+            # log fields (session_id) hold in the worker thread too.
+            ctx = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
         finally:
             self.inflight -= 1
             if self._metrics:

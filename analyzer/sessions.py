@@ -29,10 +29,12 @@ from analyzer.rules.engine import RuleEngine, RuleEvent
 from analyzer.rules.policy import effective_policy
 from dispatcher import retention
 from dispatcher.outbox import AlertSink
+from proctor import observability
 from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, ts_to_iso
 from proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
 from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode, ControlEvent, MediaMessage
 from proctor.db import AuditRow, SessionRow, utcnow
+from proctor.observability import session_context
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +177,11 @@ class LiveSession:
         self.clock = ModelClock()
         self.last_frame_at: float | None = None  # wall time of the last frame received
         self.feedback = FeedbackLimiter()
+        # Each worker logs with this session's id (its own context: a span current in one stays there).
         self._tasks = [
-            asyncio.create_task(self._video_worker(), name=f"video:{self.id}"),
-            asyncio.create_task(self._audio_worker(), name=f"audio:{self.id}"),
-            asyncio.create_task(self._watchdog(), name=f"watchdog:{self.id}"),
+            asyncio.create_task(self._video_worker(), name=f"video:{self.id}", context=session_context(self.id)),
+            asyncio.create_task(self._audio_worker(), name=f"audio:{self.id}", context=session_context(self.id)),
+            asyncio.create_task(self._watchdog(), name=f"watchdog:{self.id}", context=session_context(self.id)),
         ]
 
     # ---- ingest (called by the WebSocket handler on the event loop)
@@ -290,30 +293,33 @@ class LiveSession:
             if item is None:
                 continue
             msg, arrived = item
-            try:
-                sig = await self.m.pool.run(
-                    self.m.models.analyze_jpeg, msg.payload, msg.seq, msg.capture_ts, self.clock
-                )
-            except FrameDecodeError as e:
-                self.reject_frame()
-                self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
-                self.broadcast(
-                    {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq},
-                    droppable=True,
-                    media_only=True,
-                )
-                continue
-            except Exception:
-                log.exception("inference failed for session %s frame %s", self.id, msg.seq)
-                continue
-            if self.state != "active":
-                return
-            self.counters.frames_analysed += 1
-            self.m.metrics.frames.labels("analysed").inc()
-            for model, ms in sig.latency_ms.items():
-                self.m.metrics.inference_latency.labels(model).observe(ms / 1000)
-            await self.emit(self.engine.observe(sig))
-            self.m.metrics.frame_to_signal.observe(time.perf_counter() - arrived)
+            with observability.frame_span(self.id, msg.seq, arrived):
+                try:
+                    sig = await self.m.pool.run(
+                        self.m.models.analyze_jpeg, msg.payload, msg.seq, msg.capture_ts, self.clock
+                    )
+                except FrameDecodeError as e:
+                    self.reject_frame()
+                    self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
+                    self.broadcast(
+                        {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq},
+                        droppable=True,
+                        media_only=True,
+                    )
+                    continue
+                except Exception:
+                    log.exception("inference failed for session %s frame %s", self.id, msg.seq)
+                    continue
+                if self.state != "active":
+                    return
+                self.counters.frames_analysed += 1
+                self.m.metrics.frames.labels("analysed").inc()
+                for model, ms in sig.latency_ms.items():
+                    self.m.metrics.inference_latency.labels(model).observe(ms / 1000)
+                with observability.rules_span():
+                    events = self.engine.observe(sig)
+                await self.emit(events)
+                self.m.metrics.frame_to_signal.observe(time.perf_counter() - arrived)
 
     async def _audio_worker(self) -> None:
         # Audio models come with the audio issue; here audio is accounted for and released.
@@ -378,9 +384,10 @@ class LiveSession:
                     )
             self.m.metrics.alerts.labels(ev.event_type, str(ev.state)).inc()
             try:
-                await self.m.sink.publish(alert)
+                with observability.alert_outbox_span(alert):  # also sets alert.metadata.traceparent
+                    await self.m.sink.publish(alert)
             except Exception:
-                log.exception("outbox append failed for %s", alert.event_id)
+                log.exception("outbox append failed for %s", alert.event_id, extra={"event_id": alert.event_id})
             self.broadcast({"type": "alert", "alert": alert.model_dump(mode="json")})
 
     def broadcast(self, msg: dict[str, Any], droppable: bool = False, media_only: bool = False) -> None:

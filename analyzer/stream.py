@@ -18,6 +18,7 @@ from starlette.websockets import WebSocketState
 
 from analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS
 from analyzer.sessions import LiveSession, SessionClosed, SessionNotFound, Subscriber
+from proctor import observability
 from proctor.contracts.wire import (
     AUDIO_SAMPLE_RATE,
     AUDIO_SAMPLE_WIDTH,
@@ -66,6 +67,7 @@ async def _open(
     cannot probe which session ids exist. Accepted: a stream token for this session,
     or an API key whose role is in key_roles.
     """
+    observability.bind(session_id=session_id)  # for every record of this connection, uvicorn's included
     await ws.accept()
     st = ws.app.state
     mgr = st.sessions

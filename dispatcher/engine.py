@@ -22,6 +22,7 @@ from sqlalchemy.orm import sessionmaker
 from dispatcher.metrics import DispatchMetrics
 from dispatcher.source import OutboxSource
 from dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, Transport
+from proctor import observability
 from proctor.db import DeadLetterRow
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class FallbackChain:
             if not rest:
                 return
             try:
-                await t.send(rest)
+                with observability.dispatch_span(t.name, rest):
+                    await t.send(rest)
                 self.used[t.name] += len(rest)
                 return
             except DeliveryError as e:
@@ -132,7 +134,8 @@ class Dispatcher:
                     continue
                 batch = pending[: t.max_batch]
                 try:
-                    await t.send(batch)
+                    with observability.dispatch_span(t.name, batch):
+                        await t.send(batch)
                     acked, err = len(batch), None
                 except DeliveryError as e:
                     acked, err = min(e.delivered, len(batch)), e
@@ -164,7 +167,9 @@ class Dispatcher:
                     continue
                 self.metrics.retries.labels(t.name).inc()
                 delay = max(t.retry.delay(n), err.retry_after or 0.0)
-                log.info("lane %s: %s; retry %d in %.2fs", t.name, err.reason, n, delay)
+                log.info(
+                    "lane %s: %s; retry %d in %.2fs", t.name, err.reason, n, delay, extra={"event_id": head.event_id}
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
             except asyncio.CancelledError:
@@ -194,7 +199,14 @@ class Dispatcher:
         await asyncio.to_thread(write)
         self.states[lane].dead_lettered += 1
         self.metrics.dead.labels(lane).inc()
-        log.warning("lane %s: event %s dead-lettered after %d attempts: %s", lane, e.event_id, attempts, error)
+        log.warning(
+            "lane %s: event %s dead-lettered after %d attempts: %s",
+            lane,
+            e.event_id,
+            attempts,
+            error,
+            extra={"event_id": e.event_id},
+        )
         if self.dlq_producer is not None and lane != getattr(self.dlq_producer, "name", None):
             try:
                 await self.dlq_producer.send_dlq(e, error, lane)

@@ -122,7 +122,10 @@ async def run_standalone(s: Settings) -> None:
     async def metrics() -> Response:
         return Response(generate_latest(d.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    server = uvicorn.Server(uvicorn.Config(app, host=s.dispatcher_host, port=s.dispatcher_port, log_level="warning"))
+    # log_config=None: uvicorn keeps to the process's logging setup (proctor.observability).
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=s.dispatcher_host, port=s.dispatcher_port, log_level="warning", log_config=None)
+    )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     await d.start()
     stop = asyncio.Event()

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
+
+
+def _observe(fmt: str, level: str, service: str) -> int:
+    """Logs in the configured format and, when the OTEL_* variables ask for it, traces; 2 on a bad setting."""
+    from proctor import observability
+
+    observability.configure_logging(fmt, level)
+    try:
+        observability.configure_tracing(service)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -17,7 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rc := _observe(settings.log_format, settings.log_level, "proctor-analyzer"):
+        return rc
     # The transport-level cap sits above the application's own limits, so an oversize
     # frame gets a clear error reply; only absurd messages are cut at this level.
     ws_max = 4 * max(settings.max_frame_bytes, settings.max_audio_chunk_bytes) + 64
@@ -26,7 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         ws_max_size=ws_max,
-        log_level="info",
+        log_config=None,  # uvicorn's records go to the root handler, in the same format as ours
+        log_level=settings.log_level.lower(),
         ws_ping_interval=20,
         ws_ping_timeout=20,
     )
@@ -117,8 +131,10 @@ def _dispatcher(_: argparse.Namespace) -> int:
     from dispatcher.service import run_standalone
     from proctor.settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run_standalone(Settings()))
+    s = Settings()
+    if rc := _observe(s.log_format, s.log_level, "proctor-dispatcher"):
+        return rc
+    asyncio.run(run_standalone(s))
     return 0
 
 

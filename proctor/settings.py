@@ -9,8 +9,9 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +29,10 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/proctor.db (Postgres in production)"
     )
     node_id: str = Field(default_factory=socket.gethostname)
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object per line; text: readable lines for development"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     # --- auth
     api_keys: str = Field(
@@ -130,6 +135,13 @@ class Settings(BaseSettings):
     purge_interval_s: float = Field(
         default=3600.0, ge=0, description="How often the running server applies retention (0: only `proctor purge`)"
     )
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _case_insensitive(cls, v: object, info: ValidationInfo) -> object:
+        if not isinstance(v, str):
+            return v
+        return v.strip().upper() if info.field_name == "log_level" else v.strip().lower()
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'proctor.db').as_posix()}"

@@ -43,7 +43,7 @@ _STATE_TO_PB = {
     "ended": alerts_pb2.INCIDENT_STATE_ENDED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
-_METADATA_FIELDS = ("node_id", "worker_id")
+_METADATA_FIELDS = ("node_id", "worker_id", "traceparent")
 
 
 def alert_to_proto(alert: dict[str, Any]) -> alerts_pb2.Alert:
@@ -62,6 +62,8 @@ def alert_to_proto(alert: dict[str, Any]) -> alerts_pb2.Alert:
     metadata = alert.get("metadata") or {}
     msg.metadata.node_id = str(metadata.get("node_id", ""))
     msg.metadata.worker_id = str(metadata.get("worker_id", ""))
+    if metadata.get("traceparent") is not None:
+        msg.metadata.traceparent = str(metadata["traceparent"])
     for k, v in metadata.items():
         if k not in _METADATA_FIELDS:
             msg.metadata.extra[k] = v if isinstance(v, str) else json.dumps(v)
@@ -73,7 +75,11 @@ def alert_to_proto(alert: dict[str, Any]) -> alerts_pb2.Alert:
 
 def alert_from_proto(msg: alerts_pb2.Alert) -> dict[str, Any]:
     """proctoring.v1.Alert -> JSON alert dict (for envelopes that carry no alert_json)."""
-    metadata: dict[str, Any] = {"node_id": msg.metadata.node_id, "worker_id": msg.metadata.worker_id}
+    metadata: dict[str, Any] = {
+        "node_id": msg.metadata.node_id,
+        "worker_id": msg.metadata.worker_id,
+        "traceparent": msg.metadata.traceparent if msg.metadata.HasField("traceparent") else None,
+    }
     metadata.update(msg.metadata.extra)
     return {
         "event_id": msg.event_id,

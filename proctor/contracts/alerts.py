@@ -54,6 +54,12 @@ class AlertMetadata(BaseModel):
 
     node_id: str = Field(description="Analyzer node that produced the alert")
     worker_id: str = Field(description="Worker (process / thread pool) within the node")
+    traceparent: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        description="W3C Trace Context traceparent of the span that appended the alert to the outbox (a child of "
+        "the analysed frame's span); null when tracing is off. A consumer continues the trace from it",
+    )
 
 
 def _now_iso() -> str:
