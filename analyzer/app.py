@@ -101,10 +101,11 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
             from dispatcher.outbox import RedisOutbox
             from dispatcher.service import redis_client
 
-            st.sink = RedisOutbox(redis_client(settings), settings.outbox_stream, settings.resolved_outbox_jsonl())
+            st.sink = RedisOutbox(redis_client(settings), settings.outbox_stream, settings.resolved_outbox_jsonl(), sm)
         else:
             st.sink = SqlOutbox(sm, settings.resolved_outbox_jsonl())
         st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics)
+        await mgr.restore_active()  # sessions active before a restart go on (open incidents included)
         hk = asyncio.create_task(mgr.housekeeping())
         st.dispatcher = None
         if settings.dispatcher_embedded:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from analyzer.detectors.base import Detection, Gaze, HeadPose
@@ -125,6 +125,17 @@ class Calibration:
         elapsed = s.ts - self.start
         if elapsed >= self.duration_s and (len(self.samples) >= self.min_frames or elapsed >= 3 * self.duration_s):
             self._finish()
+
+    def snapshot(self) -> dict[str, Any]:
+        samples = [] if self.done else [list(x) for x in self.samples]  # only needed until the baseline is set
+        return {"start": self.start, "samples": samples, "done": self.done, "baseline": asdict(self.baseline)}
+
+    def restore(self, d: dict[str, Any]) -> None:
+        self.start = d.get("start")
+        self.samples = [(a, b, c, e, f) for a, b, c, e, f in d.get("samples", [])]
+        self.done = bool(d.get("done", self.done))
+        if d.get("baseline"):
+            self.baseline = Baseline(**d["baseline"])
 
     def _finish(self) -> None:
         self.done = True

@@ -32,6 +32,14 @@ class Metrics:
         )
         self.active_sessions = Gauge("proctor_active_sessions", "Sessions in state active", registry=r)
         self.connected_streams = Gauge("proctor_connected_streams", "Open media WebSockets", registry=r)
+        self.worker_errors = Counter(
+            "proctor_worker_errors_total", "Exceptions in session workers (logged; the worker restarted)", ["worker"],
+            registry=r,
+        )  # fmt: skip
+        self.incidents_suppressed = Counter(
+            "proctor_incidents_suppressed_total", "Incidents over the per-session rate limit", ["type"], registry=r
+        )
+        self.outbox_errors = Counter("proctor_outbox_errors_total", "Failed outbox appends", registry=r)
         self.protocol_errors = Counter(
             "proctor_protocol_errors_total", "Rejected client messages", ["code"], registry=r
         )

@@ -2,8 +2,9 @@
 
 A session is created over REST, streamed to over one WebSocket (a reconnect
 replaces the previous connection and keeps the rule state), and ended over
-REST or by expiry. After an analyzer restart an active session is rebuilt
-from its row when the client reconnects.
+REST or by expiry. Counters and rule state (open incidents, calibration,
+risk) are saved with every alert and every state_flush_s; after an analyzer
+restart every active session is rebuilt from its row and continues.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 from analyzer.evidence import FeedbackLimiter, thumbnail_b64
 from analyzer.metrics import Metrics
 from analyzer.pipeline import FrameDecodeError, InferencePool, ModelClock, ModelSet, Sampler
 from analyzer.rules.engine import RuleEngine, RuleEvent
+from analyzer.rules.limits import IncidentLimiter
 from analyzer.rules.policy import effective_policy
 from dispatcher import retention
 from dispatcher.outbox import AlertSink
@@ -72,7 +76,9 @@ class Counters:
     audio_rejected: int = 0
     messages_malformed: int = 0
     feedback_sent: int = 0
+    worker_errors: int = 0  # exceptions in this session's workers (each logged; the worker restarted)
     alerts_by_type: Counter[str] = field(default_factory=Counter)
+    incidents_suppressed: Counter[str] = field(default_factory=Counter)  # over the rate limit (rules/limits.py)
 
     @property
     def audio_seconds(self) -> float:
@@ -90,7 +96,9 @@ class Counters:
             audio_rejected=self.audio_rejected,
             messages_malformed=self.messages_malformed,
             feedback_sent=self.feedback_sent,
+            worker_errors=self.worker_errors,
             alerts_by_type=dict(self.alerts_by_type),
+            incidents_suppressed=dict(self.incidents_suppressed),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -111,12 +119,14 @@ class Counters:
             "audio_rejected",
             "messages_malformed",
             "feedback_sent",
+            "worker_errors",
         ):
             setattr(c, k, int(d.get(k, 0)))
         c.audio_bytes = int(
             d.get("audio_bytes", float(d.get("audio_seconds", 0)) * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
         )
         c.alerts_by_type = Counter(d.get("alerts_by_type", {}))
+        c.incidents_suppressed = Counter(d.get("incidents_suppressed", {}))
         return c
 
 
@@ -145,6 +155,7 @@ class LiveSession:
 
     def __init__(self, row: SessionRow, manager: SessionManager) -> None:
         self.id = row.id
+        self.sitting = row.sitting or ""
         self.candidate_id = row.candidate_id
         self.exam_id = row.exam_id
         self.frontend_instance_id = row.frontend_instance_id
@@ -155,34 +166,82 @@ class LiveSession:
         self.counters = Counters.from_json(row.counters or {})
         self.last_verification_at = row.last_verification_at
         self.m = manager
+        settings = manager.settings
         self.engine = RuleEngine(self.policy)
+        self.limiter = IncidentLimiter(settings.incident_burst, settings.incident_refill_s)
+        self.last_frame_at: float | None = None  # wall time of the last frame received
+        self.restored = self._restore(row.rule_state or {})
         self.sampler = Sampler(self.policy.video_fps)
         self.state = "active"
         self.subscribers: set[Subscriber] = set()
         self.connection: Any = None  # the media WebSocket currently feeding this session
         self.last_media_ts: float | None = None
-        # latest-wins video slot
-        self._frame: tuple[MediaMessage, float] | None = None
+        # latest-wins video slot: (message, arrival perf_counter, its number among frames offered)
+        self._frame: tuple[MediaMessage, float, int] | None = None
         self._frame_ready = asyncio.Event()
         # lossless audio queue, bounded in bytes
-        self.audio_max_bytes = int(manager.settings.audio_queue_seconds * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
+        self.audio_max_bytes = int(settings.audio_queue_seconds * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
         self._audio: deque[MediaMessage] = deque()
         self._audio_bytes = 0
         self._audio_space = asyncio.Condition()
         self._audio_ready = asyncio.Event()
         self.audio_paused_hint = False
+        # Progress of what came in, for the ping barrier (settled()).
+        self._video_in = self._video_done = 0
+        self._audio_in = self._audio_done = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self.track_state: dict[str, str] = {}
-        self._control_task: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
+        self._emit_lock = asyncio.Lock()  # alerts leave in the order the rules raised them
         self.clock = ModelClock()
-        self.last_frame_at: float | None = None  # wall time of the last frame received
         self.feedback = FeedbackLimiter()
         # Each worker logs with this session's id (its own context: a span current in one stays there).
         self._tasks = [
-            asyncio.create_task(self._video_worker(), name=f"video:{self.id}", context=session_context(self.id)),
-            asyncio.create_task(self._audio_worker(), name=f"audio:{self.id}", context=session_context(self.id)),
-            asyncio.create_task(self._watchdog(), name=f"watchdog:{self.id}", context=session_context(self.id)),
+            asyncio.create_task(self._supervise(name, fn), name=f"{name}:{self.id}", context=session_context(self.id))
+            for name, fn in (("video", self._video_worker), ("audio", self._audio_worker), ("watchdog", self._watchdog))
         ]
+
+    # ---- state that survives a restart (SessionRow.rule_state; docs/operations.md "Restarts")
+
+    def state_json(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine.snapshot(),
+            "limiter": self.limiter.snapshot(),
+            "open": self.engine.open_incidents(),
+            "last_frame_at": self.last_frame_at,
+        }
+
+    def _restore(self, d: dict[str, Any]) -> bool:
+        if not d:
+            return False
+        try:
+            self.engine.restore(d.get("engine") or {})
+            self.limiter.restore(d.get("limiter") or {})
+        except Exception:  # a corrupt or incompatible row: start the rules afresh rather than fail the session
+            log.exception("session %s: saved rule state unusable; starting it afresh", self.id)
+            self.engine = RuleEngine(self.policy)
+            self.limiter = IncidentLimiter(self.m.settings.incident_burst, self.m.settings.incident_refill_s)
+            return False
+        if d.get("last_frame_at") is not None:
+            # Frames had been coming: they are due again now, or CAMERA_OFF follows (the outage is not counted).
+            self.last_frame_at = time.time()
+        return bool(d.get("open"))
+
+    def writer(self, with_rules: bool = True) -> Callable[[OrmSession], None]:
+        """Database work that saves this session's counters (and rule state) in the caller's transaction."""
+        counters = self.counters.to_json()
+        rules = self.state_json() if with_rules else None
+        sid, sitting = self.id, self.sitting
+
+        def write(db: OrmSession) -> None:
+            row = db.get(SessionRow, sid)
+            if row is None or row.state != "active" or (row.sitting or "") != sitting:
+                return  # ended meanwhile, or a later sitting: nothing of this one to save
+            row.counters = counters
+            if rules is not None:
+                row.rule_state = rules
+
+        return write
 
     # ---- ingest (called by the WebSocket handler on the event loop)
 
@@ -203,7 +262,8 @@ class LiveSession:
         if self._frame is not None:
             self.counters.frames_dropped += 1
             self.m.metrics.frames.labels("dropped").inc()
-        self._frame = (msg, time.perf_counter())
+        self._video_in += 1
+        self._frame = (msg, time.perf_counter(), self._video_in)
         self._frame_ready.set()
 
     def reject_frame(self) -> None:
@@ -221,6 +281,7 @@ class LiveSession:
             await self._audio_space.wait_for(lambda: self._audio_bytes + n <= self.audio_max_bytes or not self._audio)
             self._audio.append(msg)
             self._audio_bytes += n
+            self._audio_in += 1
         self.counters.audio_chunks += 1
         self.m.metrics.audio_chunks.labels("received").inc()
         self._audio_ready.set()
@@ -264,10 +325,73 @@ class LiveSession:
         if events:
             self._spawn(self.emit(events))
 
+    # ---- the ping barrier
+
+    async def settled(self) -> None:
+        """Returns once every frame and audio chunk received before the call has been processed (analysed,
+        replaced by a newer frame, or failed) and the alerts they raised have been sent to subscribers."""
+        bg = list(self._bg)
+        if self._video_done < self._video_in or self._audio_done < self._audio_in:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append((self._video_in, self._audio_in, fut))
+            await fut
+        if bg:
+            await asyncio.wait(bg)
+
+    def _progress(self) -> None:
+        if not self._waiters:
+            return
+        keep = []
+        for v, a, fut in self._waiters:
+            if fut.done():
+                continue
+            if self.state != "active" or (self._video_done >= v and self._audio_done >= a):
+                fut.set_result(None)
+            else:
+                keep.append((v, a, fut))
+        self._waiters = keep
+
+    # ---- workers
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        task.add_done_callback(self._bg_done)
+
+    def _bg_done(self, task: asyncio.Task[Any]) -> None:
+        self._bg.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            self._worker_failed("emit", e)
+
+    def _worker_failed(self, name: str, e: BaseException) -> None:
+        """Every exception in a session's work is logged, counted and told to the client; never silent."""
+        self.counters.worker_errors += 1
+        self.m.metrics.worker_errors.labels(name).inc()
+        log.error("session %s: %s worker failed: %s", self.id, name, e, exc_info=e)
+        self.broadcast(
+            {
+                "type": "error",
+                "code": "analysis_error",
+                "reason": f"internal error in this session's {name} work; it was restarted and the session goes on",
+            },
+            droppable=True,
+            media_only=True,
+        )
+
+    async def _supervise(self, name: str, worker: Callable[[], Awaitable[None]]) -> None:
+        """Runs a worker for the life of the session; an exception is reported and the worker restarted."""
+        failures = 0
+        while True:
+            try:
+                await worker()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._worker_failed(name, e)
+                failures += 1
+                # Back off when it keeps failing, so a poisoned session cannot spin a core.
+                await asyncio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
 
     async def _watchdog(self) -> None:
         """Once a second: CAMERA_OFF when frames stop for camera_timeout_s, and the control rules' grace periods."""
@@ -283,8 +407,6 @@ class LiveSession:
             if events:
                 await self.emit(events)
 
-    # ---- workers
-
     async def _video_worker(self) -> None:
         while True:
             await self._frame_ready.wait()
@@ -292,34 +414,36 @@ class LiveSession:
             item, self._frame = self._frame, None
             if item is None:
                 continue
-            msg, arrived = item
-            with observability.frame_span(self.id, msg.seq, arrived):
-                try:
-                    sig = await self.m.pool.run(
-                        self.m.models.analyze_jpeg, msg.payload, msg.seq, msg.capture_ts, self.clock
-                    )
-                except FrameDecodeError as e:
-                    self.reject_frame()
-                    self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
-                    self.broadcast(
-                        {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq},
-                        droppable=True,
-                        media_only=True,
-                    )
-                    continue
-                except Exception:
-                    log.exception("inference failed for session %s frame %s", self.id, msg.seq)
-                    continue
-                if self.state != "active":
-                    return
-                self.counters.frames_analysed += 1
-                self.m.metrics.frames.labels("analysed").inc()
-                for model, ms in sig.latency_ms.items():
-                    self.m.metrics.inference_latency.labels(model).observe(ms / 1000)
-                with observability.rules_span():
-                    events = self.engine.observe(sig)
-                await self.emit(events)
-                self.m.metrics.frame_to_signal.observe(time.perf_counter() - arrived)
+            msg, arrived, n = item
+            try:
+                with observability.frame_span(self.id, msg.seq, arrived):
+                    await self._analyse(msg, arrived)
+            finally:  # analysed or failed: a ping waiting for it may be answered
+                self._video_done = max(self._video_done, n)
+                self._progress()
+
+    async def _analyse(self, msg: MediaMessage, arrived: float) -> None:
+        try:
+            sig = await self.m.pool.run(self.m.models.analyze_jpeg, msg.payload, msg.seq, msg.capture_ts, self.clock)
+        except FrameDecodeError as e:
+            self.reject_frame()
+            self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
+            self.broadcast(
+                {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq},
+                droppable=True,
+                media_only=True,
+            )
+            return
+        if self.state != "active":
+            return
+        self.counters.frames_analysed += 1
+        self.m.metrics.frames.labels("analysed").inc()
+        for model, ms in sig.latency_ms.items():
+            self.m.metrics.inference_latency.labels(model).observe(ms / 1000)
+        with observability.rules_span():
+            events = self.engine.observe(sig)
+        await self.emit(events)
+        self.m.metrics.frame_to_signal.observe(time.perf_counter() - arrived)
 
     async def _audio_worker(self) -> None:
         # Audio models come with the audio issue; here audio is accounted for and released.
@@ -333,6 +457,8 @@ class LiveSession:
                     self._audio_space.notify_all()
                 self.counters.audio_bytes += len(msg.payload)
                 self.m.metrics.audio_seconds.inc(len(msg.payload) / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH))
+                self._audio_done += 1
+                self._progress()
                 self._update_audio_hint()
                 await asyncio.sleep(0)
 
@@ -359,36 +485,57 @@ class LiveSession:
         )
 
     async def emit(self, events: list[RuleEvent]) -> None:
-        for ev in events:
-            if ev.state is IncidentState.STARTED and ev.observation is not None and ev.observation.signals is not None:
-                preview = ev.observation.signals.preview
-                if preview is not None:
-                    thumb = await asyncio.to_thread(thumbnail_b64, preview)
-                    if thumb:
-                        ev.evidence["thumbnail_jpeg_b64"] = thumb
-            alert = self.make_alert(ev)
-            if ev.state is IncidentState.STARTED:
-                self.counters.alerts_by_type[ev.event_type] += 1
-                text = ev.feedback
-                if text and self.feedback.allow(ev.event_type, time.time()):
-                    self.counters.feedback_sent += 1
-                    self.broadcast(
-                        {
-                            "type": "feedback",
-                            "code": ev.event_type,
-                            "message": text,
-                            "incident_id": ev.incident_id,
-                            "ts": time.time(),
-                        },
-                        media_only=True,
-                    )
-            self.m.metrics.alerts.labels(ev.event_type, str(ev.state)).inc()
+        """Rate-limits, builds and appends the alerts of these rule events, with the session's state in the same
+        transaction, then sends them to subscribers. Alerts leave in the order the rules raised them."""
+        if not events:
+            return
+        async with self._emit_lock:
+            passed = self.limiter.filter(events, time.monotonic())
+            kept = {id(ev) for ev in passed}
+            for ev in events:
+                if ev.state is IncidentState.STARTED and id(ev) not in kept:
+                    self.counters.incidents_suppressed[ev.event_type] += 1
+                    self.m.metrics.incidents_suppressed.labels(ev.event_type).inc()
+                    if self.counters.incidents_suppressed[ev.event_type] == 1:
+                        log.warning(
+                            "session %s: %s incidents over the rate limit are suppressed", self.id, ev.event_type
+                        )
+            alerts: list[Alert] = []
+            for ev in passed:
+                if ev.state is IncidentState.STARTED:
+                    await self._attach_thumbnail(ev)
+                    self.counters.alerts_by_type[ev.event_type] += 1
+                    self._feedback(ev)
+                alerts.append(self.make_alert(ev))
+                self.m.metrics.alerts.labels(ev.event_type, str(ev.state)).inc()
+            # Open incidents changed (or one was suppressed): their state commits with the alerts.
+            rules_changed = any(ev.state is not IncidentState.ONGOING for ev in events)
             try:
-                with observability.alert_outbox_span(alert):  # also sets alert.metadata.traceparent
-                    await self.m.sink.publish(alert)
+                with observability.alerts_outbox_span(alerts):  # also sets each alert's metadata.traceparent
+                    await self.m.sink.publish_many(alerts, self.writer(with_rules=rules_changed))
             except Exception:
-                log.exception("outbox append failed for %s", alert.event_id, extra={"event_id": alert.event_id})
-            self.broadcast({"type": "alert", "alert": alert.model_dump(mode="json")})
+                ids = [a.event_id for a in alerts]
+                log.exception("session %s: outbox append failed for %s", self.id, ids)
+                self.m.metrics.outbox_errors.inc()
+            for alert in alerts:
+                self.broadcast({"type": "alert", "alert": alert.model_dump(mode="json")})
+
+    async def _attach_thumbnail(self, ev: RuleEvent) -> None:
+        if ev.observation is None or ev.observation.signals is None or ev.observation.signals.preview is None:
+            return
+        thumb = await asyncio.to_thread(thumbnail_b64, ev.observation.signals.preview)
+        if thumb:
+            ev.evidence["thumbnail_jpeg_b64"] = thumb
+
+    def _feedback(self, ev: RuleEvent) -> None:
+        text = ev.feedback
+        if text and self.feedback.allow(ev.event_type, time.time()):
+            self.counters.feedback_sent += 1
+            self.broadcast(
+                {"type": "feedback", "code": ev.event_type, "message": text, "incident_id": ev.incident_id,
+                 "ts": time.time()},
+                media_only=True,
+            )  # fmt: skip
 
     def broadcast(self, msg: dict[str, Any], droppable: bool = False, media_only: bool = False) -> None:
         for sub in list(self.subscribers):
@@ -411,6 +558,8 @@ class LiveSession:
             "frames_received": self.counters.frames_received,
             "frames_dropped": self.counters.frames_dropped,
             "alerts_triggered": sum(self.counters.alerts_by_type.values()),
+            "incidents_suppressed": sum(self.counters.incidents_suppressed.values()),
+            "worker_errors": self.counters.worker_errors,
             "audio_seconds": self.counters.audio_seconds,
             "audio_queue_fill": round(self.audio_fill(), 3),
             "last_face_verification": self.last_verification_at.isoformat() if self.last_verification_at else None,
@@ -425,7 +574,7 @@ class LiveSession:
             if not self._audio:
                 break
             await asyncio.sleep(0.01)
-        ts = self.last_media_ts or time.time()
+        ts = self.last_media_ts or self.engine.last_ts or time.time()
         self.state = "ended"
         await self.emit(self.engine.close_all(ts, reason))
         for t in self._tasks:
@@ -433,7 +582,13 @@ class LiveSession:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        self._progress()  # nothing more will be analysed: release waiting pings
         self.broadcast({"type": "session_ended", "reason": reason})
+
+    def stop(self) -> None:
+        """Stops the workers without ending anything (server shutdown: the state is saved for the restart)."""
+        for t in self._tasks:
+            t.cancel()
 
 
 class SessionManager:
@@ -473,7 +628,7 @@ class SessionManager:
             if row is not None and row.state == "active" and _aware(row.expires_at) > utcnow():
                 if row.candidate_id != req.candidate_id:
                     raise SessionConflict(f"session {req.exam_session_id} is active for another candidate")
-                return await self._live(row), False
+                return self._live(row), False
             if row is not None and row.state == "active":
                 await self._expire(row.id)
 
@@ -486,6 +641,7 @@ class SessionManager:
                         db.flush()
                     new = SessionRow(
                         id=req.exam_session_id,
+                        sitting=uuid.uuid4().hex,
                         candidate_id=req.candidate_id,
                         exam_id=req.exam_id,
                         frontend_instance_id=req.frontend_instance_id,
@@ -508,14 +664,11 @@ class SessionManager:
                 return new
 
             row = await asyncio.to_thread(create)
-            live = LiveSession(row, self)
-            self.live[row.id] = live
-            self.metrics.active_sessions.set(len(self.live))
-            return live, True
+            return self._live(row), True
 
-    async def _live(self, row: SessionRow) -> LiveSession:
+    def _live(self, row: SessionRow) -> LiveSession:
         live = self.live.get(row.id)
-        if live is None:  # e.g. after an analyzer restart
+        if live is None:  # new, or rebuilt from its row after an analyzer restart
             live = LiveSession(row, self)
             self.live[row.id] = live
             self.metrics.active_sessions.set(len(self.live))
@@ -535,11 +688,36 @@ class SessionManager:
             await self._expire(sid)
             raise SessionClosed("expired")
         async with self._lock:
-            return await self._live(row)
+            return self._live(row)
+
+    async def restore_active(self) -> int:
+        """At startup: rebuilds every active session from its row, so that its open incidents, watchdog and
+        expiry go on without waiting for its client to reconnect. Sessions that expired meanwhile are ended
+        (their open incidents get their end alerts)."""
+
+        def q() -> list[SessionRow]:
+            with self.sm() as db:
+                return list(db.scalars(select(SessionRow).where(SessionRow.state == "active")).all())
+
+        rows = await asyncio.to_thread(q)
+        now = utcnow()
+        for row in rows:
+            if _aware(row.expires_at) <= now:
+                await self._expire(row.id)
+            else:
+                self._live(row)
+        restored = [s for s in self.live.values() if s.restored]
+        if rows:
+            log.info("restored %d active session(s), %d with open incidents", len(self.live), len(restored))
+        return len(self.live)
 
     async def end(self, sid: str, actor: str, reason: str = "ended_by_api", state: str = "ended") -> SessionRow:
         live = self.live.pop(sid, None)
         self.metrics.active_sessions.set(len(self.live))
+        if live is None:
+            row = await self.row(sid)
+            if row is not None and row.state == "active" and (row.rule_state or {}).get("open"):
+                live = LiveSession(row, self)  # rebuilt only to end its saved open incidents with their alerts
         if live is not None:
             await live.close(reason)  # its last messages tell connected clients; their senders then close
             for _ in range(50):
@@ -558,8 +736,9 @@ class SessionManager:
                 if row.state == "active":
                     row.state = state
                     row.ended_at = utcnow()
-                if live is not None:
-                    row.counters = live.counters.to_json()
+                    if live is not None:
+                        row.counters = live.counters.to_json()
+                        row.rule_state = live.state_json()
                 db.add(AuditRow(actor=actor, action=f"session.{state}", target=sid, detail={"reason": reason}))
                 return row
 
@@ -569,28 +748,41 @@ class SessionManager:
         with contextlib.suppress(SessionNotFound):
             await self.end(sid, "system:expiry", reason="expired", state="expired")
 
-    async def flush_counters(self) -> None:
-        snapshot = {sid: s.counters.to_json() for sid, s in self.live.items()}
+    async def save_state(self) -> None:
+        """Saves counters and rule state of every live session (a restart continues from here)."""
+        writers = [s.writer() for s in self.live.values()]
+        if not writers:
+            return
 
         def write() -> None:
             with self.sm.begin() as db:
-                for sid, c in snapshot.items():
-                    row = db.get(SessionRow, sid)
-                    if row is not None:
-                        row.counters = c
+                for w in writers:
+                    w(db)
 
         await asyncio.to_thread(write)
 
+    def _expired_ids(self) -> list[str]:
+        """Active sessions past their expiry, in memory or only in the database (e.g. after a restart)."""
+        with self.sm() as db:
+            stmt = select(SessionRow.id).where(SessionRow.state == "active", SessionRow.expires_at <= utcnow())
+            return list(db.scalars(stmt.limit(500)).all())
+
     async def housekeeping(self) -> None:
-        """Expires sessions past their TTL and persists counters; runs every 30 s."""
+        """Saves live sessions' state every state_flush_s; expires sessions past their TTL and prunes old ones
+        every 30 s; applies data retention (dispatcher/retention.py)."""
+        last_sweep = 0.0
         while True:
-            await asyncio.sleep(30)
+            await asyncio.sleep(self.settings.state_flush_s)
             try:
+                await self.save_state()
+                if time.monotonic() - last_sweep < 30.0:
+                    continue
+                last_sweep = time.monotonic()
                 now = utcnow()
-                for sid, s in list(self.live.items()):
-                    if s.expires_at <= now:
-                        await self._expire(sid)
-                await self.flush_counters()
+                expired = {sid for sid, s in self.live.items() if s.expires_at <= now}
+                expired.update(await asyncio.to_thread(self._expired_ids))
+                for sid in expired:
+                    await self._expire(sid)
                 await asyncio.to_thread(self.prune_ended)
                 await retention.purge_due(self.settings, self.sm)  # outbox, DLQ, audit, alerts.jsonl
             except Exception:
@@ -608,16 +800,22 @@ class SessionManager:
             return len(rows)
 
     async def shutdown(self) -> None:
-        await self.flush_counters()
+        """Stops every session's workers and saves its state; open incidents stay open for the restart."""
         for s in list(self.live.values()):
-            for t in s._tasks:
-                t.cancel()
+            s.stop()
+        for s in list(self.live.values()):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    async with s._emit_lock:  # an append in progress finishes first
+                        pass
+        await self.save_state()
 
     # ---- views
 
     def state_of(self, row: SessionRow) -> SessionState:
         live = self.live.get(row.id)
         counters = live.counters.public() if live else Counters.from_json(row.counters or {}).public()
+        saved = row.rule_state or {}
         return SessionState(
             exam_session_id=row.id,
             candidate_id=row.candidate_id,
@@ -629,7 +827,9 @@ class SessionManager:
             expires_at=_aware(row.expires_at).isoformat(),
             connected=bool(live and live.connection is not None),
             counters=counters,
-            open_incidents=live.engine.open_incidents() if live else [],
+            open_incidents=live.engine.open_incidents()
+            if live
+            else ([] if row.state != "active" else saved.get("open", [])),
             risk=live.engine.risk_summary() if live else {},
             last_verification_at=_aware(row.last_verification_at).isoformat() if row.last_verification_at else None,
             policy=EffectivePolicy.model_validate(row.policy),

@@ -17,6 +17,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS
+from analyzer.jpeg import JpegHeaderError, jpeg_size
 from analyzer.sessions import LiveSession, SessionClosed, SessionNotFound, Subscriber
 from proctor import observability
 from proctor.contracts.wire import (
@@ -27,13 +28,15 @@ from proctor.contracts.wire import (
     Kind,
     MediaMessage,
     ProtocolError,
+    check_capture_time,
     decode_media,
-    validate_control,
+    parse_text,
 )
-from proctor.tokens import TokenError, verify, verify_signature
+from proctor.tokens import StreamClaims, TokenError, verify
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+MAX_PENDING_PINGS = 32  # per connection: each waits for the analysis of what came before it
 
 
 def _token(ws: WebSocket) -> str | None:
@@ -63,15 +66,16 @@ async def _open(
 ) -> LiveSession | None:
     """Accepts, authenticates, then checks the session; closes with a code and reason on failure.
 
-    Credentials are checked before the session is looked up, so an anonymous client
-    cannot probe which session ids exist. Accepted: a stream token for this session,
-    or an API key whose role is in key_roles.
+    Credentials are checked before the session is looked up, so a client cannot probe which session ids
+    exist: anonymous clients, and stream tokens of another session, get the same 4401 whether the session
+    exists, has ended or never did. Accepted: a stream token of this sitting of this session, or an API key
+    whose role is in key_roles (trusted backends, told 4404 / 4408 apart).
     """
     observability.bind(session_id=session_id)  # for every record of this connection, uvicorn's included
     await ws.accept()
     st = ws.app.state
     mgr = st.sessions
-    token_error: str | None = None
+    claims: StreamClaims | None = None
     if require_token:
         token = _token(ws)
         if not token:
@@ -84,23 +88,23 @@ async def _open(
                 return None
         else:
             try:
-                verify_signature(st.stream_secret, token)
+                claims = verify(st.stream_secret, token)
             except TokenError as e:
                 await _close(ws, CloseCode.UNAUTHORIZED, str(e))
                 return None
-            try:
-                verify(st.stream_secret, token, session_id)
-            except TokenError as e:
-                token_error = str(e)  # reported after the session check: the caller holds a real token
+            if claims.session_id != session_id:
+                await _close(ws, CloseCode.UNAUTHORIZED, "stream token is for another session")
+                return None
     row = await mgr.row(session_id)
     if row is None:
         await _close(ws, CloseCode.UNKNOWN_SESSION, f"unknown session {session_id}")
         return None
+    if claims is not None and claims.sitting != (row.sitting or ""):
+        reason = "stream token is for an earlier sitting of this session; request a new one"
+        await _close(ws, CloseCode.UNAUTHORIZED, reason)
+        return None
     if row.state != "active":
         await _close(ws, CloseCode.SESSION_ENDED, f"session {session_id} is {row.state}")
-        return None
-    if token_error:
-        await _close(ws, CloseCode.UNAUTHORIZED, token_error)
         return None
     try:
         return await mgr.get_live(session_id)
@@ -125,6 +129,7 @@ class MediaConnection:
             self.sub.on_overflow = lambda: _spawn(_close(ws, CloseCode.TOO_SLOW, "client does not read its messages"))
         # else: legacy media clients may never read; what they miss is on /events and in the outbox.
         self._seq = 0
+        self._pings = 0  # pings waiting for their pong
         self._tasks: list[asyncio.Task[Any]] = []
 
     def error(self, code: str, reason: str, seq: int | None = None) -> None:
@@ -152,6 +157,8 @@ class MediaConnection:
                     "session_id": live.id,
                     "video_fps": live.policy.video_fps,
                     "max_frame_bytes": self.settings.max_frame_bytes,
+                    "max_frame_pixels": self.settings.max_frame_pixels,
+                    "max_clock_skew_s": self.settings.max_clock_skew_s,
                     "audio": {"sample_rate": AUDIO_SAMPLE_RATE, "format": "s16le", "channels": 1},
                     "heartbeat_s": self.settings.heartbeat_s,
                 }
@@ -213,50 +220,92 @@ class MediaConnection:
                 live.counters.messages_malformed += 1
                 self.error(e.code, e.reason)
                 return
-        n = len(msg.payload)
-        if msg.kind is Kind.VIDEO:
-            if n > self.settings.max_frame_bytes:
-                problem = (
-                    "frame_too_large",
-                    f"frame of {n} bytes exceeds max_frame_bytes={self.settings.max_frame_bytes}",
-                )
-            elif msg.payload[:2] != b"\xff\xd8":
-                problem = ("not_jpeg", "video payload is not a JPEG (missing FF D8 start marker)")
-            else:
+        problem = self._check_video(msg) if msg.kind is Kind.VIDEO else self._check_audio(msg)
+        if problem is None:
+            if msg.kind is Kind.VIDEO:
                 live.offer_frame(msg)
-                return
-            live.reject_frame()
-            self.error(*problem, msg.seq)
-        else:
-            if n % AUDIO_SAMPLE_WIDTH:
-                problem = ("pcm_odd_length", f"PCM s16le chunk has odd length {n}; samples are 2 bytes")
-            elif n > self.settings.max_audio_chunk_bytes:
-                problem = (
-                    "audio_chunk_too_large",
-                    f"audio chunk of {n} bytes exceeds {self.settings.max_audio_chunk_bytes}",
-                )
             else:
                 await live.offer_audio(msg)
-                return
+            return
+        if msg.kind is Kind.VIDEO:
+            live.reject_frame()
+        else:
             live.reject_audio()
-            self.error(*problem, msg.seq)
+        self.error(problem.code, problem.reason, msg.seq)
+
+    def _check_time(self, ts: float) -> ProtocolError | None:
+        try:
+            check_capture_time(ts, time.time(), self.settings.max_clock_skew_s)
+        except ProtocolError as e:
+            return e
+        return None
+
+    def _check_video(self, msg: MediaMessage) -> ProtocolError | None:
+        """Everything about a frame that can be known without decoding it; None when it may be analysed."""
+        s = self.settings
+        n = len(msg.payload)
+        if n > s.max_frame_bytes:
+            return ProtocolError("frame_too_large", f"frame of {n} bytes exceeds max_frame_bytes={s.max_frame_bytes}")
+        if msg.payload[:2] != b"\xff\xd8":
+            return ProtocolError("not_jpeg", "video payload is not a JPEG (missing FF D8 start marker)")
+        try:
+            width, height = jpeg_size(msg.payload)
+        except JpegHeaderError as e:
+            return ProtocolError("undecodable_jpeg", str(e))
+        if width * height > s.max_frame_pixels:
+            return ProtocolError(
+                "frame_too_many_pixels",
+                f"JPEG of {width}x{height} pixels exceeds max_frame_pixels={s.max_frame_pixels}; scale it down",
+            )
+        return self._check_time(msg.capture_ts)
+
+    def _check_audio(self, msg: MediaMessage) -> ProtocolError | None:
+        n = len(msg.payload)
+        if n % AUDIO_SAMPLE_WIDTH:
+            return ProtocolError("pcm_odd_length", f"PCM s16le chunk has odd length {n}; samples are 2 bytes")
+        if n > self.settings.max_audio_chunk_bytes:
+            return ProtocolError(
+                "audio_chunk_too_large", f"audio chunk of {n} bytes exceeds {self.settings.max_audio_chunk_bytes}"
+            )
+        return self._check_time(msg.capture_ts)
 
     def _on_text(self, text: str) -> None:
         live = self.live
         try:
-            msg = validate_control(json.loads(text))
-        except json.JSONDecodeError:
-            live.counters.messages_malformed += 1
-            self.error("malformed", "text messages must be JSON")
-            return
+            msg = parse_text(text)
+            ts = msg.get("ts")
+            if ts is not None:
+                check_capture_time(ts, time.time(), self.settings.max_clock_skew_s)
         except ProtocolError as e:
             live.counters.messages_malformed += 1
             self.error(e.code, e.reason)
             return
         if msg["type"] == "ping":
-            self.sub.offer({"type": "pong", "ts": time.time()}, droppable=True)
+            self._ping(msg.get("id"))
             return
-        live.on_control(msg["event"], msg.get("track"), float(msg.get("ts") or time.time()))
+        live.on_control(msg["event"], msg.get("track"), float(ts) if ts is not None else time.time())
+
+    def _ping(self, ping_id: str | None) -> None:
+        """The pong comes once everything received before the ping has been analysed (docs/protocol.md)."""
+        if self._pings >= MAX_PENDING_PINGS:
+            self.live.counters.messages_malformed += 1
+            self.error("too_many_pings", f"more than {MAX_PENDING_PINGS} pings waiting for their pong")
+            return
+        self._pings += 1
+
+        async def answer() -> None:
+            try:
+                await self.live.settled()
+            finally:
+                self._pings -= 1
+            pong: dict[str, Any] = {"type": "pong", "ts": time.time()}
+            if ping_id is not None:
+                pong["id"] = ping_id
+            self.sub.offer(pong)
+
+        task = asyncio.create_task(answer())
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
 
 @router.websocket("/api/v1/session/{session_id}/stream")

@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 from dispatcher import jsonl
 from proctor.contracts.alerts import Alert
 from proctor.db import OutboxRow
 
+# Work to commit together with appended alerts (the session's rule state: the transactional outbox).
+AlsoWrite = Callable[[OrmSession], None]
+
 
 class AlertSink(Protocol):
     async def publish(self, alert: Alert) -> None: ...
+
+    async def publish_many(self, alerts: Sequence[Alert], also: AlsoWrite | None = None) -> None:
+        """Appends alerts in order. `also` runs in the same database transaction for the SQL outbox, so a
+        session's state and the alerts it produced commit together; other sinks run it right after."""
 
     def state(self) -> dict[str, object]: ...
 
@@ -38,24 +47,34 @@ class SqlOutbox:
             jsonl_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def append(self, alert: Alert) -> None:
-        payload = alert.to_json()
+        self.append_many([alert])
+
+    def append_many(self, alerts: Sequence[Alert], also: AlsoWrite | None = None) -> None:
+        payloads = [a.to_json() for a in alerts]
+        now = time.time()
         with self._sm.begin() as db:
-            db.add(
-                OutboxRow(
-                    event_id=alert.event_id,
-                    exam_session_id=alert.exam_session_id,
-                    event_type=str(alert.event_type),
-                    payload=payload,
-                    created_at=time.time(),
+            for alert, payload in zip(alerts, payloads, strict=True):
+                db.add(
+                    OutboxRow(
+                        event_id=alert.event_id,
+                        exam_session_id=alert.exam_session_id,
+                        event_type=str(alert.event_type),
+                        payload=payload,
+                        created_at=now,
+                    )
                 )
-            )
-        if self._jsonl is not None:
-            jsonl.append(self._jsonl, [payload])  # locked against other writers and the pruner
-        self.appended += 1
+            if also is not None:
+                also(db)
+        if self._jsonl is not None and payloads:
+            jsonl.append(self._jsonl, payloads)  # locked against other writers and the pruner
+        self.appended += len(payloads)
 
     async def publish(self, alert: Alert) -> None:
+        await self.publish_many([alert])
+
+    async def publish_many(self, alerts: Sequence[Alert], also: AlsoWrite | None = None) -> None:
         try:
-            await asyncio.to_thread(self.append, alert)
+            await asyncio.to_thread(self.append_many, alerts, also)
             self.last_error = None
         except Exception as e:  # surfaced in readiness, never to streaming clients
             self.last_error = f"{type(e).__name__}: {e}"
@@ -78,37 +97,56 @@ class SqlOutbox:
 class RedisOutbox:
     """Production outbox: appends to a Redis Stream (durable with AOF) that dispatchers share."""
 
-    def __init__(self, client: Any, stream: str = "proctor:alerts", jsonl_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        stream: str = "proctor:alerts",
+        jsonl_path: Path | None = None,
+        sm: sessionmaker | None = None,
+    ) -> None:
         self.r = client
         self.stream = stream
         self._jsonl = jsonl_path
+        self._sm = sm  # where `also` work commits (the sessions live in the SQL database)
         self.appended = 0
         self.last_error: str | None = None
 
     async def publish(self, alert: Alert) -> None:
-        payload = alert.to_json()
+        await self.publish_many([alert])
+
+    async def publish_many(self, alerts: Sequence[Alert], also: AlsoWrite | None = None) -> None:
+        payloads = [a.to_json() for a in alerts]
         try:
-            await self.r.xadd(
-                self.stream,
-                {
-                    "event_id": alert.event_id,
-                    "exam_session_id": alert.exam_session_id,
-                    "event_type": str(alert.event_type),
-                    "payload": payload,
-                    "created_at": repr(time.time()),
-                },
-            )
+            if payloads:
+                async with self.r.pipeline(transaction=True) as pipe:
+                    for alert, payload in zip(alerts, payloads, strict=True):
+                        pipe.xadd(
+                            self.stream,
+                            {
+                                "event_id": alert.event_id,
+                                "exam_session_id": alert.exam_session_id,
+                                "event_type": str(alert.event_type),
+                                "payload": payload,
+                                "created_at": repr(time.time()),
+                            },
+                        )
+                    await pipe.execute()
             self.last_error = None
         except Exception as e:
             self.last_error = f"{type(e).__name__}: {e}"
             raise
-        self.appended += 1
-        if self._jsonl is not None:
-            await asyncio.to_thread(self._write_jsonl, payload)
+        self.appended += len(payloads)
+        if also is not None:
+            if self._sm is None:
+                raise RuntimeError("RedisOutbox needs a sessionmaker for work committed with alerts")
+            await asyncio.to_thread(self._commit, also)
+        if self._jsonl is not None and payloads:
+            await asyncio.to_thread(jsonl.append, self._jsonl, payloads)
 
-    def _write_jsonl(self, payload: str) -> None:
-        assert self._jsonl is not None
-        jsonl.append(self._jsonl, [payload])
+    def _commit(self, also: AlsoWrite) -> None:
+        assert self._sm is not None
+        with self._sm.begin() as db:
+            also(db)
 
     def state(self) -> dict[str, object]:
         return {"kind": "redis_stream", "stream": self.stream, "appended": self.appended,

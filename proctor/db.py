@@ -22,6 +22,8 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -57,6 +59,10 @@ class SessionRow(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_verification_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A new random id per sitting (a session id may be reused later): stream tokens are bound to it.
+    sitting: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Open incidents, calibration, risk and rate-limit state of the rules, so a restart continues them.
+    rule_state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class OutboxRow(Base):
@@ -150,7 +156,30 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Adds columns that newer releases declare to tables an older release created (nullable ones only).
+
+    create_all makes missing tables but never alters existing ones; additive, nullable columns are all our
+    schema changes so far, and this keeps an upgraded data dir working without a migration tool.
+    """
+    insp = inspect(engine)
+    existing_tables = set(insp.get_table_names())
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            if table.name not in existing_tables:
+                continue
+            have = {c["name"] for c in insp.get_columns(table.name)}
+            for col in table.columns:
+                if col.name in have:
+                    continue
+                if not col.nullable:
+                    raise RuntimeError(f"table {table.name} lacks the non-nullable column {col.name}: migrate by hand")
+                ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(dialect=engine.dialect)}"
+                conn.execute(text(ddl))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

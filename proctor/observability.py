@@ -287,6 +287,42 @@ def alert_outbox_span(alert: Alert) -> Iterator[None]:
             yield
 
 
+@contextmanager
+def alerts_outbox_span(alerts: Sequence[Alert]) -> Iterator[None]:
+    """alert_outbox_span for a batch appended together: one sibling span per alert (each alert's
+    metadata.traceparent names its own), all ended when the batch is appended."""
+    if len(alerts) == 1:
+        with alert_outbox_span(alerts[0]):
+            yield
+        return
+    t = _tracer
+    if t is None or not alerts:
+        yield
+        return
+    spans = []
+    for alert in alerts:
+        attrs = {
+            "proctor.session_id": alert.exam_session_id,
+            "proctor.event_id": alert.event_id,
+            "proctor.event_type": str(alert.event_type),
+            "proctor.incident_state": str(alert.incident_state or ""),
+        }
+        sp = t.start_span("outbox append", kind=trace.SpanKind.PRODUCER, attributes=attrs)
+        with trace.use_span(sp, end_on_exit=False):
+            alert.metadata.traceparent = traceparent()
+        spans.append(sp)
+    try:
+        yield
+    except Exception as ex:
+        for sp in spans:
+            sp.record_exception(ex)
+            sp.set_status(trace.Status(trace.StatusCode.ERROR, str(ex)))
+        raise
+    finally:
+        for sp in spans:
+            sp.end()
+
+
 class _Enveloped(Protocol):
     event_id: str
     payload: bytes

@@ -57,7 +57,20 @@ class Settings(BaseSettings):
     # --- streaming
     video_fps: float = Field(default=5.0, description="Frames analysed per second per session")
     max_frame_bytes: int = Field(default=2 * 1024 * 1024, description="Largest accepted JPEG")
+    max_frame_pixels: int = Field(
+        default=1920 * 1080, gt=0, description="Largest accepted frame (width x height), read from the JPEG header"
+    )
     max_audio_chunk_bytes: int = 64 * 1024
+    max_clock_skew_s: float = Field(
+        default=600.0, gt=0, description="Capture and control times must lie within this of the server clock"
+    )
+    incident_burst: int = Field(
+        default=10, ge=0, description="Incidents a session may raise per type before the rate limit (0: no limit)"
+    )
+    incident_refill_s: float = Field(default=60.0, gt=0, description="One more incident per type after this long")
+    state_flush_s: float = Field(
+        default=5.0, gt=0, description="Counters and rule state of live sessions are saved at least this often"
+    )
     audio_queue_seconds: float = Field(default=10.0, description="Audio buffered per session before backpressure")
     heartbeat_s: float = 10.0
     subscriber_queue: int = Field(default=256, description="Messages buffered per events subscriber")

@@ -1,52 +1,53 @@
-"""Short-lived stream tokens: HMAC-SHA256 signed, bound to one session."""
+"""Short-lived stream tokens: JWTs (HS256, PyJWT) bound to one sitting of one session.
+
+A session id can be reused for a later sitting (another candidate, another day); every sitting gets a new
+random `sitting` id, and a token carries both, so a token from one sitting never opens another.
+"""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import time
+from dataclasses import dataclass
+
+import jwt
+
+AUDIENCE = "proctor-stream"
+_ALGORITHMS = ["HS256"]
 
 
 class TokenError(Exception):
     pass
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+@dataclass(frozen=True)
+class StreamClaims:
+    session_id: str
+    sitting: str
+    expires_at: float
 
 
-def _unb64(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+def mint(secret: bytes, session_id: str, sitting: str, ttl_s: int, now: float | None = None) -> tuple[str, float]:
+    """A token for this sitting of the session; returns (token, expiry as Unix seconds)."""
+    iat = int(now if now is not None else time.time())
+    exp = iat + int(ttl_s)
+    claims = {"sid": session_id, "sit": sitting, "iat": iat, "exp": exp, "aud": AUDIENCE}
+    return jwt.encode(claims, secret, algorithm="HS256"), float(exp)
 
 
-def mint(secret: bytes, session_id: str, ttl_s: int, now: float | None = None) -> tuple[str, float]:
-    exp = (now or time.time()) + ttl_s
-    body = _b64(json.dumps({"sid": session_id, "exp": int(exp), "scope": "stream"}, separators=(",", ":")).encode())
-    sig = _b64(hmac.new(secret, body.encode(), hashlib.sha256).digest())
-    return f"{body}.{sig}", float(int(exp))
-
-
-def verify_signature(secret: bytes, token: str, now: float | None = None) -> dict:
-    """Checks signature and expiry only; returns the claims. Raises TokenError."""
+def verify(secret: bytes, token: str) -> StreamClaims:
+    """Checks signature, audience and expiry; returns the claims. Raises TokenError with a reason a client can
+    act on (it is sent in the WebSocket close reason)."""
     try:
-        body, sig = token.split(".")
-        expected = _b64(hmac.new(secret, body.encode(), hashlib.sha256).digest())
-        if not hmac.compare_digest(sig, expected):
-            raise TokenError("invalid stream token signature")
-        claims = json.loads(_unb64(body))
-    except TokenError:
-        raise
-    except Exception:
+        claims = jwt.decode(
+            token, secret, algorithms=_ALGORITHMS, audience=AUDIENCE, options={"require": ["exp", "sid", "sit", "aud"]}
+        )
+    except jwt.ExpiredSignatureError:
+        raise TokenError("stream token expired; request a new one with POST /api/v1/session/{id}/token") from None
+    except jwt.InvalidSignatureError:
+        raise TokenError("invalid stream token signature") from None
+    except jwt.PyJWTError:
         raise TokenError("malformed stream token") from None
-    if (now or time.time()) > claims.get("exp", 0):
-        raise TokenError("stream token expired; request a new one with POST /api/v1/session/{id}/token")
-    return claims
-
-
-def verify(secret: bytes, token: str, session_id: str, now: float | None = None) -> None:
-    """Raises TokenError with a reason a client can act on."""
-    claims = verify_signature(secret, token, now)
-    if claims.get("scope") != "stream" or claims.get("sid") != session_id:
-        raise TokenError("stream token is for another session")
+    sid, sit = claims["sid"], claims["sit"]
+    if not isinstance(sid, str) or not isinstance(sit, str):
+        raise TokenError("malformed stream token")
+    return StreamClaims(sid, sit, float(claims["exp"]))

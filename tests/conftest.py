@@ -185,6 +185,7 @@ class StreamClient:
         self._reader = asyncio.create_task(self._read())
         self.vseq = 0
         self.aseq = 0
+        self._ping = 0
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -217,6 +218,14 @@ class StreamClient:
     async def audio(self, pcm: bytes, ts: float) -> None:
         self.aseq += 1
         await self.ws.send(wire.encode_audio(self.aseq, ts, pcm))
+
+    async def sync(self, timeout: float = 120.0) -> dict[str, Any]:  # noqa: ASYNC109
+        """The protocol's ping: the pong comes once everything sent before it has been analysed and its alerts
+        sent, so a test waits for the analysis of what it sent, however slow the machine is."""
+        self._ping += 1
+        ping_id = f"sync-{self._ping}"
+        await self.ws.send(json.dumps({"type": "ping", "id": ping_id}))
+        return await self.wait_for(lambda m: m.get("type") == "pong" and m.get("id") == ping_id, timeout)
 
     def of_type(self, t: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("type") == t]

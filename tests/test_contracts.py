@@ -58,18 +58,23 @@ def test_control_validation() -> None:
 
 
 def test_stream_tokens() -> None:
-    secret = b"s3cret"
-    tok, exp = mint(secret, "sess-1", 60)
-    verify(secret, tok, "sess-1")
+    secret = b"s3cret-of-at-least-32-bytes-length"
+    tok, exp = mint(secret, "sess-1", "sitting-a", 60)
+    claims = verify(secret, tok)
+    assert (claims.session_id, claims.sitting, claims.expires_at) == ("sess-1", "sitting-a", exp)
     assert exp > time.time()
-    with pytest.raises(TokenError, match="another session"):
-        verify(secret, tok, "sess-2")
     with pytest.raises(TokenError, match="signature"):
-        verify(b"other", tok, "sess-1")
+        verify(b"another-secret-of-32-bytes-length", tok)
+    old, _ = mint(secret, "sess-1", "sitting-a", 60, now=time.time() - 120)
     with pytest.raises(TokenError, match="expired"):
-        verify(secret, tok, "sess-1", now=time.time() + 120)
+        verify(secret, old)
     with pytest.raises(TokenError, match="malformed"):
-        verify(secret, "abc", "sess-1")
+        verify(secret, "abc")
+    # A JWT signed with the secret but not a stream token (no audience, no sitting) is refused.
+    import jwt
+
+    with pytest.raises(TokenError, match="malformed"):
+        verify(secret, jwt.encode({"sid": "sess-1", "exp": int(time.time()) + 60}, secret, algorithm="HS256"))
 
 
 def test_alert_schema_doc_matches_model() -> None:

@@ -29,7 +29,7 @@ def _ws_base(request: Request) -> str:
 
 def _config(request: Request, live: LiveSession, created: bool) -> SessionConfig:
     st = request.app.state
-    token, exp = mint(st.stream_secret, live.id, st.settings.stream_token_ttl_s)
+    token, exp = mint(st.stream_secret, live.id, live.sitting, st.settings.stream_token_ttl_s)
     ws = _ws_base(request)
     return SessionConfig(
         exam_session_id=live.id,

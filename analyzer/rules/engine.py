@@ -12,7 +12,7 @@ import math
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from analyzer.fusion import Observation, PresenceFusion
@@ -224,6 +224,33 @@ class DurationRule:
             observation=o,
         )
 
+    # ---- persistence (RuleEngine.snapshot): what a restart needs to continue this rule's incident
+
+    def snapshot(self) -> dict[str, Any] | None:
+        d: dict[str, Any] = {}
+        if self._active is not None:
+            d["active"] = asdict(self._active)
+        if self._onset is not None:
+            d["onset"] = list(self._onset)
+        for key, value in (("last_true", self._last_true), ("last_seen", self._last_seen)):
+            if value is not None:
+                d[key] = value
+        if math.isfinite(self._cooldown_until):
+            d["cooldown_until"] = self._cooldown_until
+        if d:
+            d["peak"] = self._peak
+        return d or None
+
+    def restore(self, d: dict[str, Any]) -> None:
+        active = d.get("active")
+        self._active = _Incident(**active) if active else None
+        onset = d.get("onset")
+        self._onset = (float(onset[0]), int(onset[1])) if onset else None
+        self._last_true = d.get("last_true")
+        self._last_seen = d.get("last_seen")
+        self._peak = float(d.get("peak", 0.0))
+        self._cooldown_until = float(d.get("cooldown_until", -math.inf))
+
 
 class DistractionRule(DurationRule):
     """FREQUENT_DISTRACTION: more than N off-screen episodes within a sliding window."""
@@ -247,6 +274,18 @@ class DistractionRule(DurationRule):
         while self.episodes and o.ts - self.episodes[0] > self.window_s:
             self.episodes.popleft()
         return len(self.episodes) > self.count
+
+    def snapshot(self) -> dict[str, Any] | None:
+        d = super().snapshot() or {}
+        if self.episodes:
+            d["episodes"] = list(self.episodes)
+            d["off"] = self._off
+        return d or None
+
+    def restore(self, d: dict[str, Any]) -> None:
+        super().restore(d)
+        self.episodes = deque(float(x) for x in d.get("episodes", []))
+        self._off = bool(d.get("off", False))
 
 
 class ControlRule:
@@ -299,6 +338,16 @@ class ControlRule:
         sev = round(min(1.0, self.base_severity + min(0.3, duration / 600)), 3)
         return RuleEvent(self.event_type, state, self.active.incident_id, ts, sev, "session-state", ev)
 
+    def snapshot(self) -> dict[str, Any] | None:
+        if self.since is None and self.active is None:
+            return None
+        return {"since": self.since, "reason": self.reason, "active": asdict(self.active) if self.active else None}
+
+    def restore(self, d: dict[str, Any]) -> None:
+        self.since = d.get("since")
+        self.reason = str(d.get("reason", ""))
+        self.active = _Incident(**d["active"]) if d.get("active") else None
+
 
 class RiskScore:
     """Session risk 0-100: each incident adds points (type weight x severity) that decay with a
@@ -333,6 +382,12 @@ class RiskScore:
             self._decay(c, ts)
             total += c["points"]
         return round(min(100.0, total), 1)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {k: dict(v) for k, v in self.contrib.items() if v["points"] >= 0.01 or v["open_since"] is not None}
+
+    def restore(self, d: dict[str, Any]) -> None:
+        self.contrib = {str(k): dict(v) for k, v in d.items()}
 
     @staticmethod
     def band(score: float) -> str:
@@ -477,6 +532,11 @@ class RuleEngine:
             )  # fmt: skip
         self._last_ts: float | None = None
 
+    @property
+    def last_ts(self) -> float | None:
+        """Media time of the last observed frame."""
+        return self._last_ts
+
     def _strong_open(self) -> list[str]:
         return sorted({str(x.event_type) for x in self.rules if x.active is not None and x.event_type in STRONG})
 
@@ -545,6 +605,38 @@ class RuleEngine:
             if x.active is not None
         ]
         return out
+
+    # ---- persistence: a restarted analyzer continues the session where it was
+
+    SNAPSHOT_VERSION = 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-safe state that a restart needs: open and pending incidents, cooldowns, calibration, risk."""
+        frame_rules = [*self.rules, *([self.meta] if self.meta else [])]
+        return {
+            "v": self.SNAPSHOT_VERSION,
+            "rules": {str(r.event_type): snap for r in frame_rules if (snap := r.snapshot()) is not None},
+            "controls": {name: snap for name, r in self.controls.items() if (snap := r.snapshot()) is not None},
+            "calibration": self.fusion.calibration.snapshot(),
+            "risk": self.risk.snapshot(),
+            "last_ts": self._last_ts,
+        }
+
+    def restore(self, d: dict[str, Any]) -> None:
+        """The inverse of snapshot(); state of rules the policy no longer has is ignored."""
+        if d.get("v") != self.SNAPSHOT_VERSION:
+            return
+        frame_rules = {str(r.event_type): r for r in [*self.rules, *([self.meta] if self.meta else [])]}
+        for name, snap in d.get("rules", {}).items():
+            if name in frame_rules:
+                frame_rules[name].restore(snap)
+        for name, snap in d.get("controls", {}).items():
+            if name in self.controls:
+                self.controls[name].restore(snap)
+        if d.get("calibration"):
+            self.fusion.calibration.restore(d["calibration"])
+        self.risk.restore(d.get("risk", {}))
+        self._last_ts = d.get("last_ts")
 
     def risk_summary(self, ts: float | None = None) -> dict[str, Any]:
         t = ts if ts is not None else (self._last_ts or 0.0)

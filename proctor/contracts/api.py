@@ -140,7 +140,11 @@ class SessionCounters(BaseModel):
     audio_rejected: int = 0
     messages_malformed: int = 0
     feedback_sent: int = 0
-    alerts_by_type: dict[str, int] = Field(default_factory=dict)
+    worker_errors: int = Field(default=0, description="Internal errors in the session's analysis (each recovered)")
+    alerts_by_type: dict[str, int] = Field(default_factory=dict, description="Incidents reported, by type")
+    incidents_suppressed: dict[str, int] = Field(
+        default_factory=dict, description="Incidents not reported because of the per-session rate limit, by type"
+    )
 
 
 class SessionState(BaseModel):

@@ -16,6 +16,8 @@ server message are JSON text messages with a "type" field.
 
 from __future__ import annotations
 
+import json
+import math
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -105,21 +107,71 @@ def decode_media(data: bytes) -> MediaMessage:
     return MediaMessage(k, seq, ts_us / 1e6, payload)
 
 
+# Control and ping messages are tiny; anything longer is refused before it is parsed.
+MAX_TEXT_BYTES = 4096
+
+
+def _no_constant(name: str) -> Any:
+    raise ProtocolError("malformed", f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError("malformed", f"number {text[:24]} is out of range")
+    return value
+
+
+def parse_text(text: str) -> dict[str, Any]:
+    """Decodes and checks one client text message; returns it or raises ProtocolError ("malformed")."""
+    if len(text) > MAX_TEXT_BYTES:
+        raise ProtocolError("malformed", f"text message of {len(text)} characters exceeds {MAX_TEXT_BYTES}")
+    try:
+        msg = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError("malformed", "JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and integers beyond the int/str conversion limit
+        raise ProtocolError("malformed", f"invalid JSON: {str(e)[:80]}") from None
+    return validate_control(msg)
+
+
 def validate_control(msg: Any) -> dict[str, Any]:
     """Checks a decoded JSON control message; returns it or raises ProtocolError."""
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("malformed", "text messages must be JSON objects with a string 'type'")
     if msg["type"] == "ping":
+        ping_id = msg.get("id")
+        if ping_id is not None and not (isinstance(ping_id, str) and len(ping_id) <= 64):
+            raise ProtocolError("malformed", "ping 'id' must be a string of at most 64 characters")
         return msg
     if msg["type"] != "control":
-        raise ProtocolError("malformed", f"unknown message type {msg['type']!r}")
+        raise ProtocolError("malformed", f"unknown message type {str(msg['type'])[:40]!r}")
     event = msg.get("event")
     if event not in ControlEvent.ALL:
-        raise ProtocolError("malformed", f"unknown control event {event!r}; expected one of {sorted(ControlEvent.ALL)}")
+        raise ProtocolError(
+            "malformed", f"unknown control event {str(event)[:40]!r}; expected one of {sorted(ControlEvent.ALL)}"
+        )
     track = msg.get("track")
     if event != ControlEvent.PARTICIPANT_LEFT and track not in TRACKS:
         raise ProtocolError("malformed", f"control event {event!r} needs 'track' in {sorted(TRACKS)}")
     ts = msg.get("ts")
-    if ts is not None and not isinstance(ts, int | float):
-        raise ProtocolError("malformed", "'ts' must be a number (Unix seconds)")
+    # bool is an int in Python; a JSON true is not a time.
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
+        raise ProtocolError("malformed", "'ts' must be a finite number (Unix seconds)")
     return msg
+
+
+def check_capture_time(ts: float, now: float, max_skew_s: float) -> None:
+    """Media and control times must lie within max_skew_s of the server clock (docs/protocol.md).
+
+    The rules run on these times and alerts carry them: a far-future or nanosecond value is refused at the
+    door instead of poisoning a session's rule state.
+    """
+    if not abs(ts - now) <= max_skew_s:
+        raise ProtocolError(
+            "bad_timestamp",
+            f"capture_ts {ts:.6f} is {ts - now:+.0f} s from server time; it must be Unix seconds within "
+            f"{max_skew_s:.0f} s of it (capture_ts_us in microseconds)",
+        )

@@ -1,0 +1,53 @@
+"""JPEG frame header: the image size, read without decoding.
+
+A few hundred bytes can declare a 16000x16000 image; decoding it would take 732 MiB and seconds of CPU.
+The size is read from the first SOF (start-of-frame) segment, so frames are refused before any decoder
+sees them. The walk is bounded by the data: each step advances, and nothing is allocated.
+"""
+
+from __future__ import annotations
+
+# SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0..7: markers without a segment
+_SOS, _EOI = 0xDA, 0xD9
+
+
+class JpegHeaderError(ValueError):
+    pass
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the JPEG's frame header; JpegHeaderError when there is none to read."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        raise JpegHeaderError("payload is not a JPEG (missing SOI marker)")
+    i = 2
+    while i < n:
+        if data[i] != 0xFF:
+            raise JpegHeaderError(f"JPEG marker expected at byte {i}")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker in _NO_LENGTH:
+            continue
+        if marker in (_SOS, _EOI):
+            raise JpegHeaderError("JPEG has no frame header before its image data")
+        if i + 2 > n:
+            break
+        length = int.from_bytes(data[i : i + 2], "big")
+        if length < 2:
+            raise JpegHeaderError(f"JPEG segment with invalid length {length}")
+        if marker in _SOF:
+            if length < 7 or i + 7 > n:
+                break
+            height = int.from_bytes(data[i + 3 : i + 5], "big")
+            width = int.from_bytes(data[i + 5 : i + 7], "big")
+            if width == 0 or height == 0:
+                raise JpegHeaderError(f"JPEG declares an empty image ({width}x{height})")
+            return width, height
+        i += length
+    raise JpegHeaderError("JPEG is truncated before its frame header")
