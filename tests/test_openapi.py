@@ -56,32 +56,18 @@ def test_a_session_flow_answers_as_documented(api_server: LiveServer) -> None:
     """The answers random ids rarely reach (an existing session, its conflicts, other roles), each checked
     against the document: a documented status with a body of its schema."""
     body = {"exam_session_id": "flow-1", "candidate_id": "alice", "exam_id": "e", "metadata": {"room": "r1"}}
-    sid = "/api/v1/session/{session_id}"
+    start, sid = "/api/v1/session/start", "/api/v1/session/{session_id}"
     with api_server.http(ADMIN_KEY) as admin, api_server.http(PROCTOR_KEY) as proctor, api_server.http(None) as anon:
         steps = [
-            (200, "POST", "/api/v1/session/start", admin.post("/api/v1/session/start", json=body)),
-            (
-                409,
-                "POST",
-                "/api/v1/session/start",
-                admin.post("/api/v1/session/start", json={**body, "candidate_id": "bob"}),
-            ),
-            (
-                413,
-                "POST",
-                "/api/v1/session/start",
-                admin.post("/api/v1/session/start", json={**body, "metadata": {"x": "a" * (2 << 20)}}),
-            ),
-            (
-                422,
-                "POST",
-                "/api/v1/session/start",
-                admin.post("/api/v1/session/start", json={**body, "rules": {"NOPE": {}}}),
-            ),
-            (401, "POST", "/api/v1/session/start", anon.post("/api/v1/session/start", json=body)),
-            (403, "POST", "/api/v1/session/start", proctor.post("/api/v1/session/start", json=body)),
+            (200, "POST", start, admin.post(start, json=body)),
+            (409, "POST", start, admin.post(start, json={**body, "candidate_id": "bob"})),
+            (413, "POST", start, admin.post(start, json={**body, "metadata": {"x": "a" * (2 << 20)}})),
+            (422, "POST", start, admin.post(start, json={**body, "rules": {"NOPE": {}}})),
+            (401, "POST", start, anon.post(start, json=body)),
+            (403, "POST", start, proctor.post(start, json=body)),
             (200, "POST", f"{sid}/token", admin.post("/api/v1/session/flow-1/token")),
             (200, "GET", sid, proctor.get("/api/v1/session/flow-1")),
+            (200, "GET", sid, anon.get("/api/v1/session/flow-1", headers={"X-API-Key": PROCTOR_KEY})),
             (200, "GET", "/api/v1/admin/sessions", admin.get("/api/v1/admin/sessions", params={"state": "active"})),
             (200, "GET", "/api/v1/admin/stats", admin.get("/api/v1/admin/stats")),
             (403, "GET", "/api/v1/admin/stats", proctor.get("/api/v1/admin/stats")),
