@@ -19,7 +19,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from analyzer.api import ops, sessions
+from analyzer.api.errors import ERROR_MODELS
 from analyzer.auth import KeyStore
+from analyzer.body_limit import BodyLimit
 from analyzer.metrics import Metrics
 from analyzer.pipeline import InferencePool, ModelSet
 from analyzer.sessions import SessionManager
@@ -31,6 +33,8 @@ from proctor.db import make_engine, make_sessionmaker
 from proctor.settings import Settings
 
 log = logging.getLogger("proctor")
+_REF = "#/components/schemas/{model}"
+_UNPARSEABLE = {RecursionError: "nested too deeply", UnicodeDecodeError: "not UTF-8"}
 
 
 def _stream_secret(settings: Settings) -> bytes:
@@ -127,10 +131,14 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
             engine.dispose()
 
     app = FastAPI(title="LiveKit proctoring analyzer", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodyLimit, default=settings.max_request_bytes)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        detail = exc.detail
+        if exc.status_code == 400 and type(exc.__cause__) in _UNPARSEABLE:  # FastAPI's "error parsing the body"
+            detail = f"the body is not parseable JSON: {_UNPARSEABLE[type(exc.__cause__)]}"
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -145,4 +153,40 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
     app.include_router(sessions.router)
     app.include_router(ops.router)
     app.include_router(stream_router)
+    _declare_only_real_errors(app)
     return app
+
+
+def _declare_only_real_errors(app: FastAPI) -> None:
+    """FastAPI declares a 422 in its own body shape on every route with a parameter. Our handler answers
+    ValidationErrorBody: the generated 422 is given that shape, or dropped where nothing can fail validation
+    (only unconstrained string path parameters, no body)."""
+    generate = app.openapi
+
+    def can_fail(op: dict) -> bool:
+        plain = {"type": "string"}
+        return "requestBody" in op or any(
+            p["in"] != "path" or {k: v for k, v in p["schema"].items() if k != "title"} != plain
+            for p in op.get("parameters", [])
+        )
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = generate()
+            ours = {"$ref": "#/components/schemas/ValidationErrorBody"}
+            for path_item in doc.get("paths", {}).values():
+                for op in path_item.values():
+                    r422 = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {})
+                    if r422.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                        if can_fail(op):
+                            r422["schema"] = ours
+                        else:
+                            del op["responses"]["422"]
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            for model in ERROR_MODELS:
+                schemas.setdefault(model.__name__, model.model_json_schema(ref_template=_REF))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

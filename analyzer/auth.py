@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
@@ -83,18 +85,30 @@ class KeyStore:
         return Principal(role=role, key_id=h[:8])
 
 
-def key_from_request(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
+# The two ways to present an API key; as FastAPI security schemes they are declared in the OpenAPI document.
+bearer_scheme = HTTPBearer(
+    scheme_name="ApiKeyBearer", description="An API key: `Authorization: Bearer <key>`", auto_error=False
+)
+header_scheme = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name="ApiKeyHeader",
+    description="The same API key in an X-API-Key header",
+    auto_error=False,
+)
+
+
+def presented_key(
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+    header: Annotated[str | None, Security(header_scheme)],
+) -> str | None:
+    """FastAPI dependency: the API key of the request (the bearer one first), None when there is none."""
+    return (bearer.credentials if bearer else None) or header or None
 
 
 def require(roles: frozenset[str]):
     """FastAPI dependency: a valid API key whose role is in `roles`."""
 
-    def dep(request: Request) -> Principal:
-        key = key_from_request(request)
+    def dep(request: Request, key: Annotated[str | None, Security(presented_key)]) -> Principal:
         if not key:
             raise HTTPException(401, "missing API key (Authorization: Bearer <key> or X-API-Key)")
         principal = request.app.state.keys.lookup(key)

@@ -250,16 +250,11 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _config(_: argparse.Namespace) -> int:
-    from proctor.settings import Settings
+    from proctor.settings import Settings, redact_url
 
     s = Settings()
-    d = s.model_dump(mode="json")
-    for secret in ("api_keys", "stream_secret"):
-        if d.get(secret):
-            d[secret] = "***"
-    from sqlalchemy.engine import make_url
-
-    d["database_url"] = make_url(s.resolved_database_url()).render_as_string(hide_password=True)
+    d = s.redacted()  # secrets masked (settings marked SECRET, secret-looking names, passwords in URLs)
+    d["database_url"] = redact_url(s.resolved_database_url())
     print(json.dumps(d, indent=2))
     return 0
 

@@ -6,13 +6,27 @@ docs/operations.md lists every setting; `proctor config` prints the effective va
 from __future__ import annotations
 
 import os
+import re
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# json_schema_extra of a setting whose value is secret: `proctor config` (Settings.redacted) masks it.
+SECRET: dict[str, Any] = {"secret": True}
+# Names that say "secret" (file paths aside): masked even when a new setting forgets the marker.
+_SECRET_NAME = re.compile(r"secret|passw|credential|private|token|key(?!.*_file$)")
+# A password inside any value: scheme://user:password@host, ?password=... (Redis, Postgres, Kafka SASL URLs).
+_URL_PASSWORD = re.compile(r"(://[^/@\s:,]*:)[^@\s]+@")
+_QUERY_SECRET = re.compile(r"([?&](?:password|passwd|secret|token|api_key|sslpassword)=)[^&\s,]+", re.IGNORECASE)
+
+
+def redact_url(value: str) -> str:
+    """`value` with the passwords of any URLs in it replaced by ***."""
+    return _QUERY_SECRET.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", value))
 
 
 class Settings(BaseSettings):
@@ -34,13 +48,20 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
+    max_request_bytes: int = Field(
+        default=1024 * 1024, ge=1, description="Largest REST request body (413 beyond); a route may declare more"
+    )
+
     # --- auth
     api_keys: str = Field(
         default="",
         description="Static API keys 'key:role,key:role' (roles: system, proctor, admin), besides those in the DB",
+        json_schema_extra=SECRET,
     )
     stream_secret: str | None = Field(
-        default=None, description="HMAC secret for stream tokens; generated into data_dir when unset"
+        default=None,
+        description="HMAC secret for stream tokens; generated into data_dir when unset",
+        json_schema_extra=SECRET,
     )
     stream_token_ttl_s: int = 900
     legacy_ws_auth: str = Field(
@@ -117,7 +138,9 @@ class Settings(BaseSettings):
     kafka_dlq_topic: str = "proctoring.alerts.dlq"
     kafka_idempotence: str = Field(default="auto", description="auto (fall back if the broker refuses), true, false")
     webhook_url: str | None = Field(default=None, description="Webhook endpoint (Standard Webhooks)")
-    webhook_secrets: str = Field(default="", description="Comma-separated whsec_ secrets (several for rotation)")
+    webhook_secrets: str = Field(
+        default="", description="Comma-separated whsec_ secrets (several for rotation)", json_schema_extra=SECRET
+    )
     webhook_timeout_s: float = 5.0
     webhook_concurrency: int = Field(
         default=1, ge=1, le=64, description="Parallel POSTs (across sessions; each session stays in order)"
@@ -125,8 +148,8 @@ class Settings(BaseSettings):
     redis_publish_stream: str | None = Field(default=None, description="Also XADD every alert to this stream")
     agent_name: str = Field(default="proctor", description="Agent name for explicit dispatch")
     livekit_url: str | None = None
-    livekit_api_key: str | None = None
-    livekit_api_secret: str | None = None
+    livekit_api_key: str | None = Field(default=None, json_schema_extra=SECRET)
+    livekit_api_secret: str | None = Field(default=None, json_schema_extra=SECRET)
     room_transport: bool = Field(default=False, description="Dispatcher sends alerts into the room (no agent)")
 
     # --- outbox (embedded)
@@ -155,6 +178,18 @@ class Settings(BaseSettings):
         if not isinstance(v, str):
             return v
         return v.strip().upper() if info.field_name == "log_level" else v.strip().lower()
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as JSON with every secret masked (`proctor config`)."""
+        out = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            value = out.get(name)
+            if (extra.get("secret") or _SECRET_NAME.search(name)) and isinstance(value, str | list | dict) and value:
+                out[name] = "***"
+            elif isinstance(value, str):
+                out[name] = redact_url(value)
+        return out
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'proctor.db').as_posix()}"

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import time
+from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 import websockets
+from fastapi import FastAPI, Request
 
+from analyzer.body_limit import BodyLimit, body_limit
 from proctor.contracts import wire
 from proctor.tokens import mint
 from tests.conftest import ADMIN_KEY, PROCTOR_KEY, LiveServer, StreamClient, black_jpeg, jpeg_of, stream_url
@@ -59,6 +64,93 @@ def test_session_start_validation_and_conflicts(server: LiveServer) -> None:
         assert c.post("/api/v1/session/nope/end").status_code == 404
         for r in (c.get("/api/v1/session/nope"), c.post("/api/v1/session/start", content=b"[")):
             assert "Traceback" not in r.text
+
+
+def test_rest_body_over_the_limit_is_413_and_nothing_is_stored(server: LiveServer) -> None:
+    body = {"exam_session_id": "big-1", "candidate_id": "c", "exam_id": "e", "metadata": {"x": "a" * (2 << 20)}}
+    raw = json.dumps(body).encode()
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the server counts the bytes as they come
+        for i in range(0, len(raw), 64 * 1024):
+            yield raw[i : i + 64 * 1024]
+
+    with server.http() as c:
+        for r in (
+            c.post("/api/v1/session/start", json=body),
+            c.post("/api/v1/session/start", content=chunked(), headers={"content-type": "application/json"}),
+        ):
+            assert r.status_code == 413 and r.headers["content-type"] == "application/json"
+            assert r.headers["connection"] == "close"
+            assert r.json() == {"error": "request body too large: at most 1048576 bytes allowed"}
+        assert c.get("/api/v1/session/big-1").status_code == 404
+
+
+def test_rest_fields_are_bounded(server: LiveServer) -> None:
+    base = {"exam_session_id": "fields-1", "candidate_id": "c", "exam_id": "e"}
+    deep: dict = {}
+    for _ in range(12):
+        deep = {"k": deep}
+    with server.http() as c:
+        for metadata, reason in (
+            ({"notes": "a" * 20_000}, "at most 16384 allowed"),  # under the body limit, over the field's
+            (deep, "nests 13 levels deep; at most 8 allowed"),
+        ):
+            r = c.post("/api/v1/session/start", json={**base, "metadata": metadata})
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"][0]["loc"] == ["body", "metadata"] and reason in r.json()["detail"][0]["msg"]
+        r = c.post("/api/v1/session/start", json={**base, "verification_policy": {"note": "a" * 5000}})
+        assert r.status_code == 422 and "extra fields" in r.text
+        r = c.post("/api/v1/session/start", json={**base, "features_enabled": ["gaze"] * 100})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "features_enabled"]
+        # What Python's JSON parser takes but JSON and the database do not, and what it cannot take.
+        nan = b'{"exam_session_id": "fields-1", "candidate_id": "c", "exam_id": "e", "metadata": {"x": NaN}}'
+        r = c.post("/api/v1/session/start", content=nan, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "non-finite" in r.text
+        inf = b'{"exam_session_id": "fields-1", "candidate_id": "c", "exam_id": "e", "video_fps": Infinity}'
+        assert (
+            c.post("/api/v1/session/start", content=inf, headers={"content-type": "application/json"}).status_code
+            == 422
+        )
+        r = c.post("/api/v1/session/start", content=b"[" * 100_000, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json() == {"error": "the body is not parseable JSON: nested too deeply"}
+        r = c.post("/api/v1/session/start", json={**base, "video_fps": "5"})  # the schema says number
+        assert r.status_code == 422
+        assert c.get("/api/v1/session/fields-1").status_code == 404
+        assert c.post("/api/v1/session/start", json={**base, "metadata": {"a": [1, {"b": "ok"}]}}).status_code == 200
+
+
+async def test_body_limit_per_route_and_while_streaming() -> None:
+    """A route can declare a larger limit (an upload); a streamed body is refused without being read on."""
+    app = FastAPI()
+    app.add_middleware(BodyLimit, default=100)
+
+    @app.post("/small")
+    async def small(request: Request) -> dict:
+        return {"n": len(await request.body())}
+
+    @app.post("/upload", openapi_extra=body_limit(1000))
+    async def upload(request: Request) -> dict:
+        return {"n": len(await request.body())}
+
+    sent = 0
+
+    async def stream(n: int) -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(n):
+            sent += 1
+            yield b"x" * 50
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        assert (await c.post("/small", content=b"x" * 100)).json() == {"n": 100}
+        assert (await c.post("/small", content=b"x" * 101)).status_code == 413
+        assert (await c.post("/upload", content=b"x" * 1000)).json() == {"n": 1000}
+        r = await c.post("/upload", content=b"x" * 1001)
+        assert r.status_code == 413 and "at most 1000 bytes allowed" in r.text  # (this bare app's error shape)
+        r = await c.post("/small", content=stream(1000))
+        assert r.status_code == 413 and sent == 3  # refused at the chunk that passed 100 bytes
+        sent = 0
+        assert (await c.post("/upload", content=stream(20))).json() == {"n": 1000} and sent == 20
+    assert app.openapi()["paths"]["/upload"]["post"]["x-max-body-bytes"] == 1000
 
 
 async def _close_of(url: str) -> tuple[int, str]:

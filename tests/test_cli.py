@@ -90,6 +90,46 @@ def test_keys_and_config(tmp_path: Path, args: list[str]) -> None:
         assert json.loads(r.stdout)["video_fps"] == 5.0
 
 
+def test_config_masks_every_secret(tmp_path: Path) -> None:
+    """Every secret setting (marked, or named like one) and every password inside a URL is masked."""
+    import os
+    import re
+
+    from proctor.settings import SECRET, Settings
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCTOR_")}
+    secret_names = [  # text settings marked secret or named like one (key file paths are not secrets)
+        name
+        for name, f in Settings.model_fields.items()
+        if str in (f.annotation, *getattr(f.annotation, "__args__", ()))
+        and (f.json_schema_extra == SECRET or re.search(r"secret|passw|credential|private|token|key", name))
+        and not name.endswith("_file")
+    ]
+    assert {"api_keys", "stream_secret", "webhook_secrets", "livekit_api_secret"} <= set(secret_names)
+    for i, name in enumerate(secret_names):
+        env[f"PROCTOR_{name.upper()}"] = f"sentinel{i}x:admin"
+    env |= {
+        "PROCTOR_REDIS_URL": "redis://:sentinelredis@redis.internal:6379/0",
+        "PROCTOR_DATABASE_URL": "postgresql+psycopg://proctor:sentineldb@db.internal/proctor?sslpassword=sentinelssl",
+        "PROCTOR_KAFKA_BOOTSTRAP": "sasl_ssl://u:sentinelk1@k1:9092,sasl_ssl://u:sentinelk2@k2:9092",
+        "PROCTOR_WEBHOOK_URL": "https://hooks:sentinelhook@exam.example/hook?token=sentinelquery",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "proctor.cli", "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "sentinel" not in r.stdout
+    out = json.loads(r.stdout)
+    assert all(out[name] == "***" for name in secret_names)
+    assert out["redis_url"] == "redis://:***@redis.internal:6379/0"  # still tells where it connects
+    assert out["database_url"].startswith("postgresql+psycopg://proctor:***@db.internal/")
+
+
 def test_serve_first_start_prints_a_working_admin_key(tmp_path: Path) -> None:
     import os
     import socket

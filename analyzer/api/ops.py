@@ -5,24 +5,30 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, Security
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from analyzer.auth import CAN_ADMIN, Principal, key_from_request, require
+from analyzer.api.errors import AUTH, errors
+from analyzer.auth import CAN_ADMIN, Principal, presented_key, require
 from proctor import __version__
+from proctor.contracts.api import AdminSessions, AdminStats, Health, Readiness
 
 router = APIRouter(tags=["operations"])
 Admin = Annotated[Principal, Depends(require(CAN_ADMIN))]
 
 
-@router.get("/.well-known/health")
+@router.get("/.well-known/health", response_model=Health)
 async def health(request: Request) -> dict[str, Any]:
     """Liveness: the process answers."""
     return {"status": "ok", "version": __version__, "uptime_s": round(time.time() - request.app.state.started_at, 1)}
 
 
-@router.get("/.well-known/ready")
+@router.get(
+    "/.well-known/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready: models not loaded or the outbox not accepting"}},
+)
 async def ready(request: Request) -> JSONResponse:
     """Readiness: models loaded and the outbox accepting alerts."""
     st = request.app.state
@@ -35,11 +41,18 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
-async def metrics(request: Request) -> Response:
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"description": "Prometheus text exposition format"},
+        **errors(*AUTH, e401="Missing or unknown API key (unless PROCTOR_METRICS_PUBLIC=true)"),
+    },
+)
+async def metrics(request: Request, key: Annotated[str | None, Security(presented_key)]) -> Response:
+    """Prometheus metrics; needs an admin key unless PROCTOR_METRICS_PUBLIC=true."""
     st = request.app.state
     if not st.settings.metrics_public:
-        key = key_from_request(request)
         p = st.keys.lookup(key) if key else None
         if p is None:
             raise HTTPException(401, "metrics need an admin API key (or PROCTOR_METRICS_PUBLIC=true)")
@@ -52,7 +65,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/api/v1/admin/sessions")
+@router.get("/api/v1/admin/sessions", response_model=AdminSessions, responses=errors(*AUTH, 422))
 async def admin_sessions(
     request: Request,
     who: Admin,
@@ -64,7 +77,7 @@ async def admin_sessions(
     return {"sessions": [mgr.state_of(r).model_dump(mode="json") for r in rows]}
 
 
-@router.get("/api/v1/admin/stats")
+@router.get("/api/v1/admin/stats", response_model=AdminStats, responses=errors(*AUTH))
 async def admin_stats(request: Request, who: Admin) -> dict[str, Any]:
     st = request.app.state
     live = st.sessions.live.values()

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 
+from analyzer.api.errors import AUTH, errors
 from analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS, Principal, require
 from analyzer.sessions import LiveSession, SessionClosed, SessionConflict, SessionManager, SessionNotFound
 from proctor.contracts.alerts import ts_to_iso
@@ -47,18 +49,26 @@ def _config(request: Request, live: LiveSession, created: bool) -> SessionConfig
     )
 
 
-@router.post("/start", response_model=SessionConfig)
+@router.post(
+    "/start",
+    response_model=SessionConfig,
+    responses=errors(400, *AUTH, 409, 413, 422, e409="The session is active for another candidate"),
+)
 async def start_session(body: SessionStartRequest, request: Request, who: Manager) -> SessionConfig:
     try:
         live, created = await _mgr(request).start(body, who.actor)
     except SessionConflict as e:
         raise HTTPException(409, str(e)) from None
-    except ValueError as e:  # policy overrides that do not apply
-        raise HTTPException(422, str(e)) from None
+    except ValueError as e:  # policy overrides that do not apply: the same 422 body as any invalid field
+        raise RequestValidationError([{"loc": ("body",), "msg": str(e), "type": "value_error"}]) from None
     return _config(request, live, created)
 
 
-@router.post("/{session_id}/token", response_model=SessionConfig)
+@router.post(
+    "/{session_id}/token",
+    response_model=SessionConfig,
+    responses=errors(*AUTH, 404, 409, e409="The session has ended or expired"),
+)
 async def refresh_token(session_id: str, request: Request, who: Manager) -> SessionConfig:
     """A fresh stream token for an active session (clients reconnecting after the first one expired)."""
     try:
@@ -70,7 +80,7 @@ async def refresh_token(session_id: str, request: Request, who: Manager) -> Sess
     return _config(request, live, False)
 
 
-@router.post("/{session_id}/end", response_model=SessionState)
+@router.post("/{session_id}/end", response_model=SessionState, responses=errors(*AUTH, 404))
 async def end_session(session_id: str, request: Request, who: Manager) -> SessionState:
     mgr = _mgr(request)
     try:
@@ -80,7 +90,7 @@ async def end_session(session_id: str, request: Request, who: Manager) -> Sessio
     return mgr.state_of(row)
 
 
-@router.get("/{session_id}", response_model=SessionState)
+@router.get("/{session_id}", response_model=SessionState, responses=errors(*AUTH, 404))
 async def get_session(session_id: str, request: Request, who: Reader) -> SessionState:
     mgr = _mgr(request)
     row = await mgr.row(session_id)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator, model_validator
 
 Sensitivity = Literal["low", "medium", "high"]
 
@@ -21,16 +22,57 @@ FEATURES = (
 )
 
 
+# Free-form JSON a client may store with a session (metadata, extra verification fields): it is kept in the
+# database and echoed back, so its size and nesting are bounded (422 beyond).
+METADATA_MAX_BYTES = 16 * 1024
+METADATA_MAX_DEPTH = 8
+EXTRA_MAX_BYTES = 4 * 1024
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0, [] and {} are 1); iterative, so no recursion limit."""
+    depth, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list | tuple):
+            depth = max(depth, d + 1)
+            stack.extend((x, d + 1) for x in v)
+    return depth
+
+
+def check_bounded_json(value: Any, what: str, max_bytes: int, max_depth: int = METADATA_MAX_DEPTH) -> Any:
+    """Raises ValueError (a 422 with this reason) when `value` nests deeper or serializes larger than allowed."""
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise ValueError(f"{what} nests {depth} levels deep; at most {max_depth} allowed")
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode())
+    except ValueError:  # Python's JSON parser takes NaN and Infinity; JSON (and Postgres) do not
+        raise ValueError(f"{what} holds a non-finite number (NaN or Infinity)") from None
+    if size > max_bytes:
+        raise ValueError(f"{what} is {size} bytes as JSON; at most {max_bytes} allowed")
+    return value
+
+
 class VerificationPolicy(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     mode: Literal["none", "start", "periodic", "continuous"] = "periodic"
     interval_s: float = Field(default=60.0, gt=0)
     threshold: float | None = Field(default=None, ge=0, le=1)
 
+    @model_validator(mode="after")
+    def _bounded_extra(self) -> VerificationPolicy:
+        if self.model_extra:
+            check_bounded_json(self.model_extra, "verification_policy's extra fields", EXTRA_MAX_BYTES)
+        return self
+
 
 class RuleOverride(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     enabled: bool | None = None
     trigger_after_s: float | None = Field(default=None, ge=0, le=3600)
@@ -41,7 +83,7 @@ class RuleOverride(BaseModel):
 class Thresholds(BaseModel):
     """Measured-value thresholds of the rules (degrees are relative to the calibrated baseline)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gaze_yaw_deg: float = Field(default=25.0, gt=0, description="|gaze yaw| beyond this is off screen")
     gaze_pitch_up_deg: float = Field(default=20.0, gt=0)
@@ -62,21 +104,38 @@ class Thresholds(BaseModel):
     hand_ear_ratio: float = Field(default=0.6, gt=0, description="hand-ear distance / shoulder width")
 
 
+# Names the server knows, listed in the schema; checked by validators with a message naming the unknown ones.
+FeatureName = Annotated[Name, WithJsonSchema({"type": "string", "enum": list(FEATURES)})]
+ThresholdName = Annotated[Name, WithJsonSchema({"type": "string", "enum": list(Thresholds.model_fields)})]
+
+
 class SessionStartRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a number is a number (not "5" or false), as the schema says. NaN / Infinity (which Python's JSON
+    # parser accepts) would not survive a round trip through the database.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     exam_session_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
     candidate_id: str = Field(min_length=1, max_length=128)
     exam_id: str = Field(min_length=1, max_length=128)
     frontend_instance_id: str | None = Field(default=None, max_length=128)
     verification_policy: VerificationPolicy = Field(default_factory=VerificationPolicy)
-    features_enabled: list[str] | dict[str, bool] | None = None
+    features_enabled: (
+        Annotated[list[FeatureName], Field(max_length=2 * len(FEATURES))]
+        | Annotated[dict[FeatureName, bool], Field(max_length=2 * len(FEATURES))]
+        | None
+    ) = None
     sensitivity: Sensitivity = "medium"
     video_fps: float | None = Field(default=None, gt=0, le=30)
-    rules: dict[str, RuleOverride] = Field(default_factory=dict, description="Per-exam rule overrides")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="Overrides of Thresholds fields")
+    rules: dict[Name, RuleOverride] = Field(default_factory=dict, max_length=64, description="Per-exam rule overrides")
+    thresholds: dict[ThresholdName, float] = Field(
+        default_factory=dict, max_length=len(Thresholds.model_fields), description="Overrides of Thresholds fields"
+    )
     calibration_s: float | None = Field(default=None, ge=0, le=600, description="Calibration period (default 30 s)")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Free-form JSON kept with the session: at most {METADATA_MAX_BYTES} bytes serialized, "
+        f"nested at most {METADATA_MAX_DEPTH} levels",
+    )
 
     @field_validator("features_enabled")
     @classmethod
@@ -86,6 +145,11 @@ class SessionStartRequest(BaseModel):
         if unknown:
             raise ValueError(f"unknown features {unknown}; known: {list(FEATURES)}")
         return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_bounded_json(v, "metadata", METADATA_MAX_BYTES)
 
 
 class RulePolicy(BaseModel):
@@ -168,5 +232,57 @@ class SessionState(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    error: str
+    """Every 4xx/5xx answer of the REST API (the 422 of a malformed request is a ValidationErrorBody)."""
+
+    error: str = Field(description="What went wrong, for a human")
     detail: Any = None
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str] = Field(description='Where: ["body", "metadata"], ["query", "limit"], ...')
+    msg: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422: the request did not validate; one issue per bad field."""
+
+    error: str = Field(description='"invalid request"')
+    detail: list[ValidationIssue]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    uptime_s: float
+
+
+class Readiness(BaseModel):
+    """200 when ready, 503 (same body) when not."""
+
+    ready: bool
+    models: dict[str, Any] | None = Field(description="Loaded models; null while loading")
+    dispatcher: dict[str, Any] = Field(description="State of the outbox (ok: accepting alerts)")
+    inference_workers: int
+    delivery: dict[str, Any] | None = Field(default=None, description="Embedded dispatcher's lanes, when it runs")
+
+
+class AdminSessions(BaseModel):
+    sessions: list[SessionState]
+
+
+class AdminTotals(BaseModel):
+    frames_received: int
+    frames_analysed: int
+    frames_dropped: int
+    audio_seconds: float
+
+
+class AdminStats(BaseModel):
+    node_id: str
+    active_sessions: int
+    connected_streams: int
+    inference_inflight: int
+    inference_workers: int
+    totals: AdminTotals
+    alerts_by_type: dict[str, int]
+    dispatcher: dict[str, Any]
