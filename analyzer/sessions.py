@@ -768,14 +768,17 @@ class SessionManager:
             return list(db.scalars(stmt.limit(500)).all())
 
     async def housekeeping(self) -> None:
-        """Saves live sessions' state every state_flush_s; expires sessions past their TTL and prunes old ones
-        every 30 s; applies data retention (dispatcher/retention.py)."""
-        last_sweep = 0.0
+        """Saves live sessions' state every state_flush_s; every expiry_sweep_s ends sessions past their TTL
+        (live or only in the database), prunes old ones and applies data retention (dispatcher/retention.py)."""
+        s = self.settings
+        last_save = last_sweep = time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.state_flush_s)
+            await asyncio.sleep(min(s.state_flush_s, s.expiry_sweep_s))
             try:
-                await self.save_state()
-                if time.monotonic() - last_sweep < 30.0:
+                if time.monotonic() - last_save >= s.state_flush_s:
+                    last_save = time.monotonic()
+                    await self.save_state()
+                if time.monotonic() - last_sweep < s.expiry_sweep_s:
                     continue
                 last_sweep = time.monotonic()
                 now = utcnow()

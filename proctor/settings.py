@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # --- sessions
     session_ttl_s: int = Field(default=4 * 3600, description="An active session expires after this long")
     ended_session_retention_s: int = Field(default=3600, description="Ended sessions stay queryable this long")
+    expiry_sweep_s: float = Field(
+        default=30.0, gt=0, description="How often sessions past expires_at are ended (in memory or in the database)"
+    )
 
     # --- streaming
     video_fps: float = Field(default=5.0, description="Frames analysed per second per session")

@@ -1,0 +1,144 @@
+"""Nothing is lost across a restart: `proctor serve` stopped (SIGTERM) or killed (-9) with an incident open
+continues that incident when it comes back, instead of forgetting it or opening a second one; sessions that
+expired while it was down are ended, with the end alerts of their open incidents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import SYSTEM_KEY, StreamClient, black_jpeg, stream_url
+from tests.servers import free_port, wait_port
+
+
+class Serve:
+    """`proctor serve` as a real process on a loopback port, restartable on the same data dir."""
+
+    def __init__(self, data_dir: Path, **env: str) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.env = {
+            **os.environ,
+            "PROCTOR_DATA_DIR": str(data_dir),
+            "PROCTOR_PORT": str(self.port),
+            "PROCTOR_API_KEYS": f"{SYSTEM_KEY}:system",
+            "PROCTOR_INFERENCE_WORKERS": "1",
+            "PROCTOR_LOG_FORMAT": "text",
+            **env,
+        }
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Serve:
+        log = (self.data_dir.parent / f"serve-{self.port}.log").open("ab")
+        self.p = subprocess.Popen([sys.executable, "-m", "proctor.cli", "serve"], env=self.env, stdout=log, stderr=log)
+        wait_port(self.port, 120)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.send_signal(sig)
+            self.p.wait(60)
+        self.p = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        r = httpx.post(self.base + path, json=body, headers={"Authorization": f"Bearer {SYSTEM_KEY}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def get(self, path: str) -> dict[str, Any]:
+        r = httpx.get(self.base + path, headers={"Authorization": f"Bearer {SYSTEM_KEY}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def alerts(self) -> list[dict[str, Any]]:
+        path = self.data_dir / "alerts.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+async def absent(cfg: dict[str, Any], start: float, seconds: float, base: float) -> None:
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        t = start
+        while t < start + seconds - 1e-9:
+            await c.video(black_jpeg(), base + t)
+            await c.sync()
+            t = round(t + 0.2, 6)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+async def test_an_open_incident_continues_after_a_restart(tmp_path: Path, how: int) -> None:
+    srv = Serve(tmp_path / "data").start()
+    try:
+        cfg = srv.post("/api/v1/session/start", {"exam_session_id": "r1", "candidate_id": "c", "exam_id": "e"})
+        base = time.time() - 60
+        await absent(cfg, 0.0, 6.0, base)  # FACE_NOT_FOUND starts after 5 s
+        started = [a for a in srv.alerts() if a["incident_state"] == "started"]
+        assert [a["event_type"] for a in started] == ["FACE_NOT_FOUND"]
+        srv.stop(how)
+        srv.start()  # same port and data dir: the token, the session and its open incident are still valid
+        assert srv.get("/api/v1/session/r1")["open_incidents"][0]["incident_id"] == started[0]["incident_id"]
+        await absent(cfg, 6.2, 8.0, base)  # the seat is still empty: the same incident, not a new one
+        srv.post("/api/v1/session/r1/end")
+        alerts = [a for a in srv.alerts() if a["exam_session_id"] == "r1"]
+    finally:
+        srv.stop()
+    states = [(a["event_type"], a["incident_state"]) for a in alerts]
+    assert states == [("FACE_NOT_FOUND", "started"), ("FACE_NOT_FOUND", "ended")], states
+    end = alerts[-1]
+    assert end["incident_id"] == started[0]["incident_id"] and end["evidence"]["end_reason"] == "ended_by_api"
+    # It lasted from 0 s to the last absent frame at 14 s, across the restart.
+    assert end["evidence"]["duration_s"] == pytest.approx(14.0, abs=0.3)
+
+
+async def test_sessions_that_expired_while_the_server_was_down_are_ended(tmp_path: Path) -> None:
+    srv = Serve(tmp_path / "data", PROCTOR_SESSION_TTL_S="20").start()
+    try:
+        cfg = srv.post("/api/v1/session/start", {"exam_session_id": "x1", "candidate_id": "c", "exam_id": "e"})
+        srv.post("/api/v1/session/start", {"exam_session_id": "x2", "candidate_id": "c", "exam_id": "e"})
+        await absent(cfg, 0.0, 6.0, time.time() - 60)
+        srv.stop(signal.SIGKILL)
+        # The TTL runs out while the server is down (expires_at is in the database).
+        expires_at = datetime.fromisoformat(cfg["expires_at"]).timestamp()
+        await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.5)
+        srv.start()
+        x1, x2 = srv.get("/api/v1/session/x1"), srv.get("/api/v1/session/x2")
+        alerts = [a for a in srv.alerts() if a["exam_session_id"] == "x1"]
+    finally:
+        srv.stop()
+    assert x1["state"] == x2["state"] == "expired"
+    assert [(a["event_type"], a["incident_state"]) for a in alerts] == [
+        ("FACE_NOT_FOUND", "started"),
+        ("FACE_NOT_FOUND", "ended"),
+    ]
+    assert alerts[-1]["evidence"]["end_reason"] == "expired"
+
+
+def test_the_expiry_sweep_covers_sessions_nobody_reconnected_to(tmp_path: Path) -> None:
+    """A session restored at startup whose client never comes back still expires on time."""
+    srv = Serve(tmp_path / "data", PROCTOR_SESSION_TTL_S="30", PROCTOR_EXPIRY_SWEEP_S="1").start()
+    try:
+        srv.post("/api/v1/session/start", {"exam_session_id": "y1", "candidate_id": "c", "exam_id": "e"})
+        srv.stop(signal.SIGKILL)
+        srv.start()
+        assert srv.get("/api/v1/session/y1")["state"] == "active"
+        deadline = time.time() + 120
+        while srv.get("/api/v1/session/y1")["state"] == "active":
+            assert time.time() < deadline, "the session never expired"
+            time.sleep(0.5)
+        assert srv.get("/api/v1/session/y1")["state"] == "expired"
+    finally:
+        srv.stop()
