@@ -25,8 +25,10 @@ from proctor.contracts.wire import (
     AUDIO_SAMPLE_WIDTH,
     PROTOCOL_VERSION,
     CloseCode,
+    ControlMessage,
     Kind,
     MediaMessage,
+    PingMessage,
     ProtocolError,
     check_capture_time,
     decode_media,
@@ -200,13 +202,20 @@ class MediaConnection:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            data = message.get("bytes")
-            if data is not None:
-                await self._on_binary(data)
-                continue
-            text = message.get("text")
-            if text is not None:
-                self._on_text(text)
+            try:
+                data = message.get("bytes")
+                if data is not None:
+                    await self._on_binary(data)
+                    continue
+                text = message.get("text")
+                if text is not None:
+                    self._on_text(text)
+            except Exception as e:
+                # A bug must not cost the session its connection: the message is reported and skipped.
+                self.live.counters.worker_errors += 1
+                self.metrics.worker_errors.labels("receive").inc()
+                log.error("session %s: a client message could not be processed: %s", self.live.id, e, exc_info=e)
+                self.error("internal_error", "this message could not be processed (internal error); it was skipped")
 
     async def _on_binary(self, data: bytes) -> None:
         live = self.live
@@ -273,17 +282,16 @@ class MediaConnection:
         live = self.live
         try:
             msg = parse_text(text)
-            ts = msg.get("ts")
-            if ts is not None:
-                check_capture_time(ts, time.time(), self.settings.max_clock_skew_s)
+            if isinstance(msg, ControlMessage) and msg.ts is not None:
+                check_capture_time(msg.ts, time.time(), self.settings.max_clock_skew_s)
         except ProtocolError as e:
             live.counters.messages_malformed += 1
             self.error(e.code, e.reason)
             return
-        if msg["type"] == "ping":
-            self._ping(msg.get("id"))
+        if isinstance(msg, PingMessage):
+            self._ping(msg.id)
             return
-        live.on_control(msg["event"], msg.get("track"), float(ts) if ts is not None else time.time())
+        live.on_control(msg.event, msg.track, msg.ts if msg.ts is not None else time.time())
 
     def _ping(self, ping_id: str | None) -> None:
         """The pong comes once everything received before the ping has been analysed (docs/protocol.md)."""

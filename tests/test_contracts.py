@@ -52,6 +52,11 @@ def test_control_validation() -> None:
         {"type": "control", "event": "track_muted"},
         {"type": "nope"},
         {"type": "control", "event": "track_muted", "track": "camera", "ts": "x"},
+        {"type": "control", "event": "track_muted", "track": ["camera"]},
+        {"type": "control", "event": "track_muted", "track": "camera", "ts": True},
+        {"type": "control", "event": "track_muted", "track": "camera", "ts": 10**400},
+        {"type": "ping", "id": {"k": 1}},
+        {"type": "ping", "id": "x" * 65},
     ):
         with pytest.raises(wire.ProtocolError):
             wire.validate_control(bad)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import time
@@ -16,19 +15,19 @@ from analyzer.offline import video_frames
 from tests.conftest import LiveServer, StreamClient, black_jpeg, jpeg_of, stream_url
 
 FPS = 5.0
-PACE = 0.04  # wall seconds per 0.2 s of media: 5x real time, well within what inference sustains here
 
 
 async def play(client: StreamClient, segments: list[tuple[float, list[bytes]]], base: float) -> float:
-    """Sends segments of (duration_s, frames cycled) at FPS with capture timestamps from `base`."""
+    """Sends segments of (duration_s, frames cycled) at FPS of media time from `base`, each frame analysed
+    before the next is sent (the protocol's ping): every frame counts, however fast the machine is."""
     t = 0.0
     for duration, frames in segments:
         cyc = itertools.cycle(frames)
         end = t + duration
         while t < end - 1e-9:
             await client.video(next(cyc), base + t)
+            await client.sync()
             t = round(t + 1 / FPS, 6)
-            await asyncio.sleep(PACE)
     return t
 
 
@@ -63,7 +62,6 @@ async def test_face_not_found_when_the_seat_is_empty(server: LiveServer, frames:
     async with StreamClient.connect(stream_url(cfg)) as c:
         await c.wait_for(lambda m: m["type"] == "hello")
         await play(c, [(3, frames["normal"]), (7, [black_jpeg()]), (3, frames["normal"])], base)
-        await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["incident_state"] == "ended")
         alerts = c.alerts()
     assert {a["event_type"] for a in alerts} == {"FACE_NOT_FOUND"}, alerts
     start, end = incident(alerts, "FACE_NOT_FOUND")
@@ -79,8 +77,7 @@ async def test_face_not_found_when_the_seat_is_empty(server: LiveServer, frames:
 
     state = server.session("oep-absent")
     assert state["counters"]["alerts_by_type"] == {"FACE_NOT_FOUND": 1}
-    assert state["counters"]["frames_received"] == 65
-    assert state["counters"]["frames_analysed"] + state["counters"]["frames_dropped"] == 65
+    assert state["counters"]["frames_received"] == state["counters"]["frames_analysed"] == 65
     # Every alert also left through the outbox.
     lines = [json.loads(x) for x in (server.settings.data_dir / "alerts.jsonl").read_text().splitlines()]
     assert {a["event_id"] for a in alerts} <= {x["event_id"] for x in lines}
@@ -91,7 +88,6 @@ async def test_multiple_faces_on_real_peer_frames(server: LiveServer, frames: di
     base = time.time() - 60
     async with StreamClient.connect(stream_url(cfg)) as c:
         await play(c, [(2, frames["normal"]), (5, frames["peer"]), (3, frames["normal"])], base)
-        await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["incident_state"] == "ended")
         alerts = c.alerts()
     # The face detector and the person detector both see the second person; one kind of evidence, so no
     # HIGH_CONFIDENCE_CHEATING.
@@ -113,13 +109,6 @@ async def test_candidate_leaving_the_frame_is_face_not_visible(
     base = time.time() - 60
     async with StreamClient.connect(stream_url(cfg)) as c:
         await play(c, [(3, frames["normal"]), (7, frames["absent"]), (3, frames["normal"])], base)
-        await c.wait_for(
-            lambda m: (
-                m["type"] == "alert"
-                and m["alert"]["event_type"] == "FACE_NOT_VISIBLE"
-                and m["alert"]["incident_state"] == "ended"
-            )
-        )
         alerts = c.alerts()
         feedback = c.of_type("feedback")
     types = {a["event_type"] for a in alerts}
@@ -141,7 +130,6 @@ async def test_no_alert_for_brief_absence(server: LiveServer, frames: dict[str, 
     base = time.time() - 60
     async with StreamClient.connect(stream_url(cfg)) as c:
         await play(c, [(2, frames["normal"]), (4.8, [black_jpeg()]), (2, frames["normal"])], base)
-        await asyncio.sleep(0.5)
         assert c.alerts() == []
 
 
@@ -173,16 +161,18 @@ async def test_shared_videos_then_candidate_leaves(server: LiveServer, data_dir:
     black = black_jpeg()
     async with StreamClient.connect(stream_url(cfg)) as c:
         step = frames[1][0] - frames[0][0]
+        sent = 0
         for t, jpg in frames:
             await c.video(jpg, base + t)
-            await asyncio.sleep(step / 5)
+            await c.sync()
+            sent += 1
         leave = dur + step
         t = leave
         while t < leave + 7:
             await c.video(black, base + t)
+            await c.sync()
+            sent += 1
             t += step
-            await asyncio.sleep(step / 5)
-        await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["event_type"] == "FACE_NOT_FOUND")
         alerts = c.alerts()
     absent = [a for a in alerts if a["event_type"] == "FACE_NOT_FOUND" and a["incident_state"] == "started"]
     assert len(absent) == 1, alerts
@@ -193,4 +183,6 @@ async def test_shared_videos_then_candidate_leaves(server: LiveServer, data_dir:
     # lose the candidate: the alert comes 5.0-6.0 s after the seat is empty.
     assert 5.0 < media_offset(absent[0], base) - leave < 6.0
     st = server.session(sid)["counters"]
-    assert st["frames_analysed"] >= 0.8 * (leave + 7) * 5  # ~5 fps analysed out of 24-30 fps sent
+    # 5 fps analysed out of the clip's 24-30 fps, nothing dropped: the rest was sampled out.
+    assert st["frames_dropped"] == 0 and st["frames_analysed"] + st["frames_sampled_out"] == sent
+    assert st["frames_analysed"] == pytest.approx((leave + 7) * 5, abs=3)

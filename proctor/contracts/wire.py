@@ -21,7 +21,9 @@ import math
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">BBHIQ")
@@ -122,7 +124,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def parse_text(text: str) -> dict[str, Any]:
+def parse_text(text: str) -> ClientText:
     """Decodes and checks one client text message; returns it or raises ProtocolError ("malformed")."""
     if len(text) > MAX_TEXT_BYTES:
         raise ProtocolError("malformed", f"text message of {len(text)} characters exceeds {MAX_TEXT_BYTES}")
@@ -137,30 +139,48 @@ def parse_text(text: str) -> dict[str, Any]:
     return validate_control(msg)
 
 
-def validate_control(msg: Any) -> dict[str, Any]:
-    """Checks a decoded JSON control message; returns it or raises ProtocolError."""
-    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        raise ProtocolError("malformed", "text messages must be JSON objects with a string 'type'")
-    if msg["type"] == "ping":
-        ping_id = msg.get("id")
-        if ping_id is not None and not (isinstance(ping_id, str) and len(ping_id) <= 64):
-            raise ProtocolError("malformed", "ping 'id' must be a string of at most 64 characters")
-        return msg
-    if msg["type"] != "control":
-        raise ProtocolError("malformed", f"unknown message type {str(msg['type'])[:40]!r}")
-    event = msg.get("event")
-    if event not in ControlEvent.ALL:
-        raise ProtocolError(
-            "malformed", f"unknown control event {str(event)[:40]!r}; expected one of {sorted(ControlEvent.ALL)}"
-        )
-    track = msg.get("track")
-    if event != ControlEvent.PARTICIPANT_LEFT and track not in TRACKS:
-        raise ProtocolError("malformed", f"control event {event!r} needs 'track' in {sorted(TRACKS)}")
-    ts = msg.get("ts")
-    # bool is an int in Python; a JSON true is not a time.
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
-        raise ProtocolError("malformed", "'ts' must be a finite number (Unix seconds)")
-    return msg
+class PingMessage(BaseModel):
+    """{"type": "ping", "id": ...}: answered with a pong once everything sent before it has been analysed."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    type: Literal["ping"]
+    id: str | None = Field(default=None, max_length=64, description="Echoed in the pong")
+
+
+class ControlMessage(BaseModel):
+    """Track and participant state (docs/protocol.md, "Text messages")."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    type: Literal["control"]
+    event: Literal["track_muted", "track_unmuted", "track_ended", "participant_left"]
+    track: Literal["camera", "microphone", "screen"] | None = None
+    ts: float | None = Field(default=None, allow_inf_nan=False, description="Unix seconds; default: arrival")
+
+    @model_validator(mode="after")
+    def _track_needed(self) -> ControlMessage:
+        if self.event != ControlEvent.PARTICIPANT_LEFT and self.track is None:
+            raise ValueError(f"control event {self.event!r} needs 'track' in {sorted(TRACKS)}")
+        return self
+
+
+ClientText = PingMessage | ControlMessage
+_CLIENT_TEXT: TypeAdapter[ClientText] = TypeAdapter(
+    Annotated[PingMessage | ControlMessage, Field(discriminator="type")]
+)
+
+
+def validate_control(msg: Any) -> ClientText:
+    """Checks a decoded JSON text message; returns it as a model or raises ProtocolError ("malformed")."""
+    try:
+        return _CLIENT_TEXT.validate_python(msg)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("ping", "control"))
+        msg_text = str(err.get("msg", "invalid"))
+        if err.get("type") in ("union_tag_invalid", "union_tag_not_found", "model_attributes_type", "model_type"):
+            msg_text = 'text messages must be JSON objects with \'type\' "ping" or "control"'
+            where = ""
+        raise ProtocolError("malformed", f"{where + ': ' if where else ''}{msg_text}"[:200]) from None
 
 
 def check_capture_time(ts: float, now: float, max_skew_s: float) -> None:
