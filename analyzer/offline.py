@@ -17,6 +17,7 @@ import numpy as np
 from analyzer.fusion import PresenceFusion
 from analyzer.pipeline import ModelClock, ModelSet, Sampler
 from analyzer.rules.engine import RuleEngine, RuleEvent
+from analyzer.rules.limits import IncidentLimiter
 from analyzer.rules.policy import effective_policy
 from proctor.contracts.alerts import Alert, AlertMetadata, IncidentState, ts_to_iso
 from proctor.contracts.api import SessionStartRequest
@@ -90,6 +91,7 @@ def analyze_video(
     session_id: str = "offline",
     candidate_id: str = "offline",
     calibration_s: float | None = None,
+    limiter: IncidentLimiter | None = None,
 ) -> tuple[list[tuple[float, Alert]], dict[str, Any]]:
     """Runs a recording through the session pipeline; returns (offset, alert) pairs and a summary."""
     req = SessionStartRequest(
@@ -109,8 +111,16 @@ def analyze_video(
     analysed = 0
     last_t = 0.0
 
+    limiter = limiter or IncidentLimiter(burst=10, refill_s=60.0)
+    suppressed = 0
+
     def to_alerts(events: list[RuleEvent]) -> None:
-        for ev in events:
+        nonlocal suppressed
+        passed = limiter.filter(events, last_t)  # the live rate limit, on the recording's own clock
+        suppressed += sum(1 for ev in events if ev.state is IncidentState.STARTED) - sum(
+            1 for ev in passed if ev.state is IncidentState.STARTED
+        )
+        for ev in passed:
             out.append(
                 (
                     round(ev.ts, 3),
@@ -141,6 +151,7 @@ def analyze_video(
         "duration_s": round(last_t, 3),
         "frames_analysed": analysed,
         "incidents": sum(1 for _, a in out if a.incident_state == IncidentState.STARTED),
+        "incidents_suppressed": suppressed,
         "risk": engine.risk_summary(last_t),
     }
     return out, summary

@@ -84,11 +84,17 @@ def _analyze(args: argparse.Namespace) -> int:
 
     models = _load_models()
     try:
+        from analyzer.rules.limits import IncidentLimiter
         from proctor.settings import Settings
 
-        fps = args.fps or Settings().video_fps
+        s = Settings()
         alerts, summary = analyze_video(
-            models, Path(args.video), fps=fps, sensitivity=args.sensitivity, calibration_s=args.calibration
+            models,
+            Path(args.video),
+            fps=args.fps or s.video_fps,
+            sensitivity=args.sensitivity,
+            calibration_s=args.calibration,
+            limiter=IncidentLimiter(s.incident_burst, s.incident_refill_s),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

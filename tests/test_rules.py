@@ -119,3 +119,33 @@ def test_severity_in_range_and_grows_with_faces() -> None:
     two = next(ev for ev in run(engine(), seq(0, 4, 2)) if ev.state == "started")
     five = next(ev for ev in run(engine(), seq(0, 4, 5)) if ev.state == "started")
     assert 0 < two.severity < five.severity <= 1
+
+
+def test_incident_rate_limit_suppresses_whole_incidents_and_says_so() -> None:
+    from analyzer.rules.engine import RuleEvent
+    from analyzer.rules.limits import IncidentLimiter
+    from proctor.contracts.alerts import IncidentState as S
+
+    def ev(i: int, state: S, kind: str = "CAMERA_OFF") -> RuleEvent:
+        return RuleEvent(kind, state, f"inc-{kind}-{i}", float(i), 0.5, "m", {})
+
+    lim = IncidentLimiter(burst=3, refill_s=10.0)
+    out = []
+    for i in range(6):  # six incidents within one second
+        out += lim.filter([ev(i, S.STARTED), ev(i, S.ONGOING), ev(i, S.ENDED)], now=i * 0.1)
+    assert [e.incident_id for e in out if e.state is S.STARTED] == [
+        "inc-CAMERA_OFF-0",
+        "inc-CAMERA_OFF-1",
+        "inc-CAMERA_OFF-2",
+    ]
+    assert len(out) == 9  # every reported incident keeps its update and end; the others left nothing
+    assert lim.filter([ev(9, S.STARTED, "PHONE_DETECTED")], now=0.6)  # other types have their own bucket
+    # Ten seconds later one more gets through and tells how many were not reported before it.
+    late = lim.filter([ev(7, S.STARTED)], now=10.6)
+    assert late and late[0].evidence["incidents_suppressed_before"] == 3
+    assert lim.filter([ev(8, S.STARTED)], now=10.7) == []
+    # A restart keeps a suppressed incident suppressed until its end.
+    again = IncidentLimiter(burst=3, refill_s=10.0)
+    again.restore(lim.snapshot())
+    assert again.filter([ev(8, S.ENDED)], now=11.0) == []
+    assert IncidentLimiter(burst=0, refill_s=1.0).filter([ev(i, S.STARTED) for i in range(50)], now=0.0).__len__() == 50
