@@ -28,7 +28,7 @@ from dispatcher.source import RedisSource, SqlSource
 from dispatcher.transports.base import RetryPolicy
 from dispatcher.transports.redis_stream import RedisStreamTransport
 from proctor.contracts.alerts import Alert, AlertMetadata
-from proctor.db import AuditRow, DeadLetterRow, LeaseRow, OutboxRow, make_engine, make_sessionmaker
+from proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow, make_engine, make_sessionmaker
 from proctor.settings import Settings
 from tests.conftest import LiveServer
 from tests.servers import RedisServer, free_port, wait_port
@@ -111,7 +111,15 @@ async def test_purge_removes_delivered_expired_rows_and_keeps_what_a_lane_has_no
     async def delivered(n: int) -> bool:
         return await r.xlen("out") >= n
 
-    await wait_until(lambda: delivered(10))
+    async def acked(n: int) -> bool:  # the lane's cursor is written after the send: wait for it, not the send
+        def cursor() -> int:
+            with sm() as db:
+                row = db.get(CursorRow, "redis")
+                return row.last_seq if row else 0
+
+        return await asyncio.to_thread(cursor) >= n
+
+    await wait_until(lambda: acked(10))
     await d.stop()
     for i in range(10, 15):  # appended while the dispatcher is down: lane "redis" is behind
         await outbox.publish(alert(i))
