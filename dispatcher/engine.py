@@ -107,8 +107,13 @@ class Dispatcher:
         self._tasks = [asyncio.create_task(self._run_lane(t), name=f"lane:{t.name}") for t in self.lanes]
         self._tasks.append(asyncio.create_task(self._gauges(), name="dispatch-gauges"))
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Lets each lane finish the batch in hand (sent and acknowledged, so a graceful restart sends no
+        duplicates), up to grace_s; then cancels what is left."""
         self._stop.set()
+        lanes = [t for t in self._tasks if t.get_name().startswith("lane:")]
+        if lanes:
+            await asyncio.wait(lanes, timeout=grace_s)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
