@@ -25,7 +25,7 @@ from dispatcher.transports.grpc import GrpcTransport, alert_from_proto, alert_to
 from proctor.contracts.alerts import Alert, AlertMetadata
 from proctor.protogen import REPO, ensure_generated
 
-WAIT_S = 30.0  # upper bound for conditions that hold after a few loop turns: generous, never a speed test
+WAIT_S = 60.0  # upper bound for conditions that hold after a few loop turns: generous, never a speed test
 
 
 def make_envelopes(first_seq: int, n: int) -> list[Envelope]:
@@ -96,10 +96,13 @@ async def test_consumer_restart_mid_stream_resumes(tmp_path: Path) -> None:
         # given back for 11, 12 the client sends 15, 16, which wait unprocessed (window: 4).
         srv1.hold_acks(after=2)
         task = asyncio.create_task(t.send(envs[10:]))
+        # How the consumer batches what arrived (and so whether 15, 16 get recorded before it holds) depends on
+        # timing: 14 to 16 are recorded, never more (its 2 acks are spent once the client saw 12 acked).
         await until(
-            lambda: srv1.stats.received == 16 and srv1.stats.new == 14 and t.state()["last_acked"] == 12,
-            "16 received, 14 recorded, 12 acked",
+            lambda: srv1.stats.received == 16 and srv1.stats.new >= 14 and t.state()["last_acked"] == 12,
+            "16 received, 14 or more recorded, 12 acked",
         )
+        recorded_by_srv1 = srv1.stats.new
         await srv1.stop()  # the consumer dies with 13, 14 recorded but never acked
         with pytest.raises(DeliveryError) as ei:
             await task
@@ -113,8 +116,9 @@ async def test_consumer_restart_mid_stream_resumes(tmp_path: Path) -> None:
         lines = recorded(record)
         assert set(lines) == {e.event_id for e in envs}  # every event_id at least once ...
         assert len(lines) == 20  # ... and recorded once: the restarted consumer loaded the record
-        assert srv2.stats.received == 8 and srv2.stats.duplicates == 2 and srv2.stats.new == 6
-        assert "duplicates=2" in srv2.consumer.summary()
+        dups = recorded_by_srv1 - 12  # recorded by the first consumer but never acked: sent again
+        assert srv2.stats.received == 8 and srv2.stats.duplicates == dups and srv2.stats.new == 8 - dups
+        assert f"duplicates={dups}" in srv2.consumer.summary()
         acks = json.loads((tmp_path / "seen.txt.acks.json").read_text())
         assert acks == {"outbox-A": 20}
     finally:
@@ -167,7 +171,8 @@ async def test_credit_limits_unacked_envelopes(tmp_path: Path) -> None:
 
 async def test_ack_timeout_then_reconnect(tmp_path: Path) -> None:
     srv = await serve("127.0.0.1", 0, record=tmp_path / "seen.txt", print_alerts=False)
-    t = GrpcTransport(f"127.0.0.1:{srv.port}", ack_timeout_s=1.0)
+    # The 3 acks the consumer gives must each come within the timeout, also on a busy machine.
+    t = GrpcTransport(f"127.0.0.1:{srv.port}", ack_timeout_s=5.0)
     envs = make_envelopes(1, 5)
     try:
         srv.hold_acks(after=3)
