@@ -15,7 +15,7 @@ import redis.asyncio as aredis
 
 from dispatcher.engine import Dispatcher
 from dispatcher.outbox import RedisOutbox, SqlOutbox
-from dispatcher.source import RedisSource, SqlSource
+from dispatcher.source import STREAM, RedisSource, SqlSource
 from dispatcher.transports.base import RetryPolicy
 from dispatcher.transports.redis_stream import RedisStreamTransport
 from proctor.contracts.alerts import Alert, AlertMetadata
@@ -57,13 +57,13 @@ async def out_stream(url: str, stream: str = "proctoring.alerts.v1") -> list[dic
         await r.aclose()
 
 
-async def wait_until(pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+async def wait_until(pred, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await pred():
             return
         await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
+    raise AssertionError(f"condition not reached in {timeout:g} s")
 
 
 async def test_sql_outbox_to_redis_in_order_and_resumes_after_restart(sm, redis_server: RedisServer) -> None:
@@ -153,7 +153,17 @@ async def test_redis_outbox_shared_by_two_dispatchers_and_claims_a_dead_ones_wor
     for a in sent[:50]:
         await outbox.publish(a)
     await dead.start()
-    await asyncio.sleep(0.5)
+    probe = aredis.from_url(url)
+
+    async def dead_holds_all() -> bool:  # A has read all 50 (they are pending on it) and tried to send
+        try:
+            pending = await probe.xpending(STREAM, "proctor-dispatch:redis")
+        except aredis.ResponseError:  # NOGROUP: A has not created its consumer group yet
+            return False
+        return pending["pending"] == 50 and dead.states["redis"].failed_attempts >= 1
+
+    await wait_until(dead_holds_all)
+    await probe.aclose()
     for t in dead._tasks:  # SIGKILL-like: no ack, no cleanup
         t.cancel()
     b = Dispatcher(
@@ -170,7 +180,7 @@ async def test_redis_outbox_shared_by_two_dispatchers_and_claims_a_dead_ones_wor
     async def all_there() -> bool:
         return {f["event_id"] for f in await out_stream(url)} >= {a.event_id for a in sent}
 
-    await wait_until(all_there, 30)
+    await wait_until(all_there)
     await b.stop()
     await c.stop()
     got = [f["event_id"] for f in await out_stream(url)]

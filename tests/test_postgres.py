@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import os
 import shutil
@@ -78,9 +77,9 @@ async def test_sessions_alerts_and_restart_on_postgres(pg_url: str, tmp_path: Pa
         async with StreamClient.connect(stream_url(cfg)) as c:
             for i in range(30):
                 await c.video(black_jpeg(), base + i * 0.2)
-                await asyncio.sleep(0.03)
-            alert = await c.wait_for(lambda m: m["type"] == "alert")
-        assert alert["alert"]["event_type"] == "FACE_NOT_FOUND"
+                await c.sync()  # every frame analysed (none replaced by a newer one), however slow the machine
+        # A slow machine may add CAMERA_OFF (no frame for 10 s while one is analysed): look for ours.
+        assert "FACE_NOT_FOUND" in [a["event_type"] for a in c.alerts()], c.alerts()
         assert srv.app.state.sink.pending() >= 1  # outbox rows are in PostgreSQL
     finally:
         srv.stop()

@@ -25,7 +25,7 @@ from dispatcher.transports.grpc import GrpcTransport, alert_from_proto, alert_to
 from proctor.contracts.alerts import Alert, AlertMetadata
 from proctor.protogen import REPO, ensure_generated
 
-WAIT_S = 30.0  # upper bound for conditions that hold after a few loop turns: generous, never a speed test
+WAIT_S = 60.0  # upper bound for conditions that hold after a few loop turns: generous, never a speed test
 
 
 def make_envelopes(first_seq: int, n: int) -> list[Envelope]:
@@ -47,11 +47,11 @@ def make_envelopes(first_seq: int, n: int) -> list[Envelope]:
     return out
 
 
-async def until(cond: Callable[[], bool], what: str) -> None:
+async def until(cond: Callable[[], bool], what: str, state: Callable[[], object] = lambda: "") -> None:
     deadline = time.monotonic() + WAIT_S
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what} {state()}")
         await asyncio.sleep(0.005)
 
 
@@ -92,15 +92,19 @@ async def test_consumer_restart_mid_stream_resumes(tmp_path: Path) -> None:
     srv2: ConsumerServer | None = None
     try:
         await t.send(envs[:10])
-        # Ack 2 more envelopes (11, 12), then hold: 13, 14 are recorded but not acked, and with the 2 credits
-        # given back for 11, 12 the client sends 15, 16, which wait unprocessed (window: 4).
+        # Ack 2 more envelopes (11, 12), then hold: 13 (and what came with it) is recorded but not acked, and
+        # with the 2 credits given back for 11, 12 the client sends up to 16 (window: 4).
         srv1.hold_acks(after=2)
         task = asyncio.create_task(t.send(envs[10:]))
+        # Which of 13..16 the consumer records before it holds depends on how what arrived was batched (timing):
+        # after acking 12 it records the batch holding 13 and stops there, so 13 to 16 end up recorded.
         await until(
-            lambda: srv1.stats.received == 16 and srv1.stats.new == 14 and t.state()["last_acked"] == 12,
-            "16 received, 14 recorded, 12 acked",
+            lambda: srv1.stats.received == 16 and srv1.stats.new >= 13 and t.state()["last_acked"] == 12,
+            "16 received, 13 or more recorded, 12 acked",
+            lambda: (srv1.stats, t.state()),
         )
-        await srv1.stop()  # the consumer dies with 13, 14 recorded but never acked
+        recorded_by_srv1 = srv1.stats.new
+        await srv1.stop()  # the consumer dies with 13.. recorded but never acked
         with pytest.raises(DeliveryError) as ei:
             await task
         assert ei.value.delivered == 2 and not ei.value.permanent
@@ -113,8 +117,9 @@ async def test_consumer_restart_mid_stream_resumes(tmp_path: Path) -> None:
         lines = recorded(record)
         assert set(lines) == {e.event_id for e in envs}  # every event_id at least once ...
         assert len(lines) == 20  # ... and recorded once: the restarted consumer loaded the record
-        assert srv2.stats.received == 8 and srv2.stats.duplicates == 2 and srv2.stats.new == 6
-        assert "duplicates=2" in srv2.consumer.summary()
+        dups = recorded_by_srv1 - 12  # recorded by the first consumer but never acked: sent again
+        assert srv2.stats.received == 8 and srv2.stats.duplicates == dups and srv2.stats.new == 8 - dups
+        assert f"duplicates={dups}" in srv2.consumer.summary()
         acks = json.loads((tmp_path / "seen.txt.acks.json").read_text())
         assert acks == {"outbox-A": 20}
     finally:
@@ -167,7 +172,8 @@ async def test_credit_limits_unacked_envelopes(tmp_path: Path) -> None:
 
 async def test_ack_timeout_then_reconnect(tmp_path: Path) -> None:
     srv = await serve("127.0.0.1", 0, record=tmp_path / "seen.txt", print_alerts=False)
-    t = GrpcTransport(f"127.0.0.1:{srv.port}", ack_timeout_s=1.0)
+    # The 3 acks the consumer gives must each come within the timeout, also on a busy machine.
+    t = GrpcTransport(f"127.0.0.1:{srv.port}", ack_timeout_s=5.0)
     envs = make_envelopes(1, 5)
     try:
         srv.hold_acks(after=3)

@@ -30,6 +30,7 @@ from tests.kafka_broker import TansuBroker, free_port, tansu_binary
 REPO = Path(__file__).resolve().parents[1]
 TOPIC = "proctoring.alerts.v1"
 SESSIONS = ("exam-a", "exam-b", "exam-c")
+WAIT_S = 60.0  # upper bound for conditions that hold within seconds: generous, never a speed test
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def interleaved(n: int, start: int = 1, pad: int = 0) -> list[Envelope]:
     return [envelope(i, SESSIONS[i % 3], pad=pad) for i in range(start, start + n)]
 
 
-async def wait_until(pred: Callable[[], bool], within_s: float, what: str) -> None:
+async def wait_until(pred: Callable[[], bool], what: str, within_s: float = WAIT_S) -> None:
     deadline = time.monotonic() + within_s
     while not pred():
         if time.monotonic() > deadline:
@@ -102,7 +103,7 @@ class RunningConsumer:
 
     async def close(self) -> ConsumerStats:
         self.stop.set()
-        return await asyncio.wait_for(self.task, 15)
+        return await asyncio.wait_for(self.task, WAIT_S)
 
 
 @pytest.fixture
@@ -116,18 +117,20 @@ async def consumer(broker: TansuBroker, tmp_path: Path) -> AsyncIterator[Running
 
 
 async def test_per_session_order_and_dedup(broker: TansuBroker, consumer: RunningConsumer) -> None:
-    t = KafkaTransport(broker.bootstrap, request_timeout_ms=3000)
+    t = KafkaTransport(broker.bootstrap)
     await t.start()
     envs = interleaved(600)
     try:
         for i in range(0, len(envs), 100):
             await t.send(envs[i : i + 100])
         await t.send(envs[:100])  # an at-least-once resend: same event_ids
-        await wait_until(lambda: consumer.stats.received >= 700, 30, "700 records consumed")
+        await wait_until(lambda: consumer.stats.received >= 700, "700 records consumed")
     finally:
         await t.close()
     stats = await consumer.close()
-    assert stats.unique == 600 and stats.duplicates == 100 and stats.invalid == 0
+    # A rebalance (heartbeats late on a busy machine) can hand out uncommitted records again: more duplicates,
+    # never more alerts.
+    assert stats.unique == 600 and stats.duplicates >= 100 and stats.invalid == 0
     alerts = consumer.alerts()
     assert sorted(a["event_id"] for a in alerts) == sorted(e.event_id for e in envs)
     assert sorted(consumer.recorded()) == sorted(e.event_id for e in envs)
@@ -152,7 +155,7 @@ async def test_record_headers_and_key(broker: TansuBroker) -> None:
     assert headers == {"event_id": env.event_id, "event_type": "FACE_NOT_FOUND", "seq": "42", "schema_version": "1.0"}
 
 
-async def read_one(bootstrap: str, topic: str, within_s: float = 15) -> Any:
+async def read_one(bootstrap: str, topic: str, within_s: float = WAIT_S) -> Any:
     """First record of any partition of `topic`, without a consumer group."""
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
     await c.start()
@@ -233,16 +236,32 @@ async def test_delivered_counts_leading_acks(broker: TansuBroker, consumer: Runn
     finally:
         await t.close()
     want = {e.event_id for i, e in enumerate(batch) if i != 3}
-    await wait_until(lambda: set(consumer.recorded()) == want, 20, "the 5 deliverable alerts")
+    await wait_until(lambda: set(consumer.recorded()) == want, "the 5 deliverable alerts")
+
+
+async def send_until_acked(t: KafkaTransport, envs: list[Envelope]) -> None:
+    """What the dispatcher does: retry the unacked tail with backoff until everything is acked."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            await t.send(envs)
+            return
+        except DeliveryError as e:
+            envs = envs[e.delivered :]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not acked within {WAIT_S:g} s: {t.state()['last_error']}") from e
+            await asyncio.sleep(0.3)
 
 
 async def test_broker_killed_mid_batch_then_restarted(broker: TansuBroker, consumer: RunningConsumer) -> None:
     # Small producer batches: the 400 records need several sequential produce requests.
+    # A short request timeout keeps the send to the killed broker short; sends that should succeed are retried
+    # (as the dispatcher does), so a busy machine that misses the timeout only causes a retry.
     t = KafkaTransport(broker.bootstrap, request_timeout_ms=1500, max_batch_bytes=16384)
     first, second, third = interleaved(100), interleaved(400, start=101, pad=1000), interleaved(100, start=501)
     try:
-        await t.send(first)
-        await wait_until(lambda: consumer.stats.unique >= 100, 20, "first batch consumed")
+        await send_until_acked(t, first)
+        await wait_until(lambda: consumer.stats.unique >= 100, "first batch consumed")
 
         sending = asyncio.create_task(t.send(second))
         await asyncio.sleep(0)  # the batch is being enqueued / in flight
@@ -254,23 +273,14 @@ async def test_broker_killed_mid_batch_then_restarted(broker: TansuBroker, consu
         assert not t.state()["connected"], t.state()
 
         broker.start()  # empty again: no topics, no groups, no offsets
-        rest = second[k:]
-        for _ in range(10):  # what the dispatcher does: retry the unacked tail with backoff
-            try:
-                await t.send(rest)
-                break
-            except DeliveryError as e:
-                rest = rest[e.delivered :]
-                await asyncio.sleep(0.3)
-        else:
-            raise AssertionError(f"no successful send after the restart: {t.state()['last_error']}")
-        await t.send(third)
+        await send_until_acked(t, second[k:])
+        await send_until_acked(t, third)
         assert t.state()["reconnects"] >= 1
 
         # Records acked by the killed broker but not read before it died are gone with its memory: that is
         # tansu's durability, not a delivery the transport could have kept. Everything else must arrive.
         want = {e.event_id for e in first + second[k:] + third}
-        await wait_until(lambda: want <= set(consumer.recorded()), 60, "every event_id after the restart")
+        await wait_until(lambda: want <= set(consumer.recorded()), "every event_id after the restart")
     finally:
         await t.close()
     stats = await consumer.close()
@@ -315,11 +325,11 @@ async def test_consumer_cli(broker: TansuBroker, tmp_path: Path) -> None:
         await t.send(known[1:3])
         await t.send(sentinels)
         want = {e.event_id for e in known + sentinels}
-        await wait_until(lambda: set(record.read_text().split()) >= want, 30, "the CLI consumer's record")
+        await wait_until(lambda: set(record.read_text().split()) >= want, "the CLI consumer's record")
     finally:
         await t.close()
         proc.send_signal(signal.SIGTERM)
-        out_b, err_b = await asyncio.wait_for(proc.communicate(), 20)
+        out_b, err_b = await asyncio.wait_for(proc.communicate(), WAIT_S)
     out, err = out_b.decode(), err_b.decode()
     assert proc.returncode == 0, err
     printed = [json.loads(line)["event_id"] for line in out.splitlines()]
@@ -333,7 +343,7 @@ async def test_idle_restart_recreates_producer_and_topics(broker: TansuBroker) -
     try:
         await t.send(interleaved(5))
         await asyncio.to_thread(broker.restart)  # the loop runs meanwhile and sees the connection break
-        await wait_until(lambda: not t.state()["connected"], 10, "the transport to notice the lost broker")
+        await wait_until(lambda: not t.state()["connected"], "the transport to notice the lost broker")
         await t.send(interleaved(5, start=6))  # no error: a fresh producer, topics created again
         st = t.state()
         assert st["connected"] and st["reconnects"] == 1 and st["failed_attempts"] == 0

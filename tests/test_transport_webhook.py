@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,6 +37,12 @@ from proctor.contracts.alerts import Alert, AlertMetadata
 
 OLD = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks spec's example secret
 NEW = generate_secret()
+WAIT_S = 60.0  # upper bound for loopback requests and server start: generous, never a speed test
+
+
+def transport(url: str, secrets: list[str], **kw: Any) -> WebhookTransport:
+    """A WebhookTransport whose request timeout (default 5 s) a busy machine cannot hit on loopback."""
+    return WebhookTransport(url, secrets, **{"timeout_s": WAIT_S, **kw})
 
 
 def _free_port() -> int:
@@ -59,7 +66,7 @@ class Served:
 
     def __enter__(self) -> Served:
         self.thread.start()
-        deadline = time.time() + 30
+        deadline = time.time() + WAIT_S
         while not self.server.started:
             if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("server did not start")
@@ -71,7 +78,7 @@ class Served:
         self.thread.join(timeout=15)
 
     def stats(self) -> dict[str, int]:
-        return httpx.get(f"http://127.0.0.1:{self.port}/stats").json()
+        return httpx.get(f"http://127.0.0.1:{self.port}/stats", timeout=WAIT_S).json()
 
 
 class Stub:
@@ -173,7 +180,7 @@ def test_parse_retry_after() -> None:
 
 
 async def test_signed_delivery_verified_and_deduplicated(receiver: Served, tmp_path: Path) -> None:
-    t = WebhookTransport(receiver.url, [NEW])
+    t = transport(receiver.url, [NEW])
     batch = [make_env(i) for i in range(3)]
     try:
         await t.send(batch)
@@ -186,7 +193,7 @@ async def test_signed_delivery_verified_and_deduplicated(receiver: Served, tmp_p
     assert st["delivered"] == 4 and st["failed_attempts"] == 0 and st["latency_p95_ms"] is not None
     # A restarted receiver loads its record and still treats the old ids as duplicates.
     with Served(build_app([NEW], record=tmp_path / "seen.txt", print_alerts=False)) as again:
-        t2 = WebhookTransport(again.url, [NEW])
+        t2 = transport(again.url, [NEW])
         try:
             await t2.send(batch)
         finally:
@@ -197,7 +204,7 @@ async def test_signed_delivery_verified_and_deduplicated(receiver: Served, tmp_p
 async def test_receiver_prints_new_alerts_as_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
     env = make_env(1)
     with Served(build_app([NEW], record=None)) as srv:
-        t = WebhookTransport(srv.url, [NEW])
+        t = transport(srv.url, [NEW])
         try:
             await t.send([env, env])
         finally:
@@ -210,16 +217,18 @@ async def test_wire_format() -> None:
     stub = Stub()
     env = make_env(1)
     with Served(stub.app) as srv:
-        t = WebhookTransport(srv.url, [OLD, NEW], headers={"Authorization": "Bearer x"})
+        t = transport(srv.url, [OLD, NEW], headers={"Authorization": "Bearer x"})
+        before = int(time.time())
         try:
             await t.send([env])
         finally:
             await t.close()
+        after = time.time()
     ((headers, body),) = stub.requests
     assert body == env.payload  # the canonical bytes, not a re-serialization
     assert headers["content-type"] == "application/json" and headers["authorization"] == "Bearer x"
     assert headers["webhook-id"] == env.event_id
-    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 5
+    assert before <= int(headers["webhook-timestamp"]) <= after  # signed when sent
     sigs = headers["webhook-signature"].split(" ")
     assert sigs == [sign(s, env.event_id, int(headers["webhook-timestamp"]), body) for s in (OLD, NEW)]
     with pytest.raises(ValueError, match="override"):
@@ -227,7 +236,7 @@ async def test_wire_format() -> None:
 
 
 def _post(srv: Served, headers: dict[str, str], body: bytes) -> httpx.Response:
-    return httpx.post(srv.url, content=body, headers={"content-type": "application/json", **headers})
+    return httpx.post(srv.url, content=body, headers={"content-type": "application/json", **headers}, timeout=WAIT_S)
 
 
 def test_receiver_rejects_invalid_deliveries(receiver: Served) -> None:
@@ -254,7 +263,7 @@ def test_receiver_rejects_invalid_deliveries(receiver: Served) -> None:
 
 
 async def test_transport_reports_rejection_as_permanent(receiver: Served) -> None:
-    t = WebhookTransport(receiver.url, [OLD])  # receiver knows only NEW
+    t = transport(receiver.url, [OLD])  # receiver knows only NEW
     try:
         with pytest.raises(DeliveryError) as ei:
             await t.send([make_env(1)])
@@ -267,7 +276,7 @@ async def test_transport_reports_rejection_as_permanent(receiver: Served) -> Non
 @pytest.mark.parametrize("receiver_secrets", [[NEW], [OLD]], ids=["receiver-new", "receiver-old"])
 async def test_rotation_sender_signs_with_old_and_new(receiver_secrets: list[str]) -> None:
     with Served(build_app(receiver_secrets, print_alerts=False)) as srv:
-        t = WebhookTransport(srv.url, [OLD, NEW])
+        t = transport(srv.url, [OLD, NEW])
         try:
             await t.send([make_env(1), make_env(2)])
         finally:
@@ -281,7 +290,7 @@ async def test_rotation_sender_signs_with_old_and_new(receiver_secrets: list[str
 async def test_retry_after_500_uses_same_webhook_id() -> None:
     env = make_env(1)
     with Served(build_app([NEW], print_alerts=False, fail_first=2)) as srv:
-        t = WebhookTransport(srv.url, [NEW])
+        t = transport(srv.url, [NEW])
         try:
             for _ in range(2):
                 with pytest.raises(DeliveryError) as ei:
@@ -295,7 +304,7 @@ async def test_retry_after_500_uses_same_webhook_id() -> None:
     # The same id on every attempt, each attempt freshly signed and valid:
     stub = Stub([(500, {}, 0.0)])
     with Served(stub.app) as srv:
-        t = WebhookTransport(srv.url, [NEW])
+        t = transport(srv.url, [NEW])
         try:
             with pytest.raises(DeliveryError):
                 await t.send([env])
@@ -311,7 +320,7 @@ async def test_failure_mid_batch_reports_delivered_prefix() -> None:
     stub = Stub([(204, {}, 0.0), (204, {}, 0.0), (502, {}, 0.0)])
     batch = [make_env(i) for i in range(5)]
     with Served(stub.app) as srv:
-        t = WebhookTransport(srv.url, [NEW])
+        t = transport(srv.url, [NEW])
         try:
             with pytest.raises(DeliveryError) as ei:
                 await t.send(batch)
@@ -331,7 +340,7 @@ async def test_failure_mid_batch_reports_delivered_prefix() -> None:
 async def test_retry_after_is_honoured(status: int, retry_after: str | None, expected: float | None) -> None:
     stub = Stub([(status, {"Retry-After": retry_after} if retry_after else {}, 0.0)])
     with Served(stub.app) as srv:
-        t = WebhookTransport(srv.url, [NEW])
+        t = transport(srv.url, [NEW])
         try:
             with pytest.raises(DeliveryError) as ei:
                 await t.send([make_env(1)])
@@ -341,23 +350,27 @@ async def test_retry_after_is_honoured(status: int, retry_after: str | None, exp
 
 
 async def test_retry_after_http_date() -> None:
-    when = format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+    at = int(time.time()) + 60  # an HTTP-date has whole seconds
+    when = format_datetime(datetime.fromtimestamp(at, UTC), usegmt=True)
     stub = Stub([(503, {"Retry-After": when}, 0.0)])
     with Served(stub.app) as srv:
-        t = WebhookTransport(srv.url, [NEW])
+        t = transport(srv.url, [NEW])
         try:
+            before = time.time()
             with pytest.raises(DeliveryError) as ei:
                 await t.send([make_env(1)])
+            after = time.time()
         finally:
             await t.close()
-    assert ei.value.retry_after == pytest.approx(60, abs=3)
+    # Seconds from when the transport read the answer to `at`, whatever the machine's speed.
+    assert ei.value.retry_after is not None and at - after <= ei.value.retry_after <= at - before
 
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 async def test_redirect_is_a_failure_and_not_followed(status: int) -> None:
     stub = Stub([(status, {"Location": "http://127.0.0.1:1/elsewhere"}, 0.0)])
     with Served(stub.app) as srv:
-        t = WebhookTransport(srv.url, [NEW])
+        t = transport(srv.url, [NEW])
         try:
             with pytest.raises(DeliveryError) as ei:
                 await t.send([make_env(1)])
@@ -387,7 +400,7 @@ async def test_timeout_is_a_failure() -> None:
 async def test_permanent_4xx(status: int, permanent: bool) -> None:
     stub = Stub([(status, {}, 0.0)])
     with Served(stub.app) as srv:
-        t = WebhookTransport(srv.url, [NEW])
+        t = transport(srv.url, [NEW])
         try:
             with pytest.raises(DeliveryError) as ei:
                 await t.send([make_env(1)])
@@ -412,7 +425,7 @@ async def test_concurrency_keeps_per_session_order() -> None:
     stub = Stub()
     batch = [make_env(i, session=f"s{i % 3}") for i in range(15)]
     with Served(stub.app) as srv:
-        t = WebhookTransport(srv.url, [NEW], concurrency=4)
+        t = transport(srv.url, [NEW], concurrency=4)
         try:
             await t.send(batch)
         finally:
@@ -436,7 +449,7 @@ async def test_concurrency_failure_reports_prefix() -> None:
         return Response(status_code=500 if request.headers["webhook-id"] == fail_id else 204)
 
     with Served(app) as srv:
-        t = WebhookTransport(srv.url, [NEW], concurrency=2)
+        t = transport(srv.url, [NEW], concurrency=2)
         try:
             with pytest.raises(DeliveryError) as ei:
                 await t.send(batch)
