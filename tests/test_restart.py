@@ -105,7 +105,7 @@ async def test_an_open_incident_continues_after_a_restart(tmp_path: Path, how: i
 
 
 async def test_sessions_that_expired_while_the_server_was_down_are_ended(tmp_path: Path) -> None:
-    srv = Serve(tmp_path / "data", PROCTOR_SESSION_TTL_S="20").start()
+    srv = Serve(tmp_path / "data", PROCTOR_SESSION_TTL_S="8").start()
     try:
         cfg = srv.post("/api/v1/session/start", {"exam_session_id": "x1", "candidate_id": "c", "exam_id": "e"})
         srv.post("/api/v1/session/start", {"exam_session_id": "x2", "candidate_id": "c", "exam_id": "e"})
@@ -128,13 +128,13 @@ async def test_sessions_that_expired_while_the_server_was_down_are_ended(tmp_pat
 
 
 def test_the_expiry_sweep_covers_sessions_nobody_reconnected_to(tmp_path: Path) -> None:
-    """A session restored at startup whose client never comes back still expires on time."""
-    srv = Serve(tmp_path / "data", PROCTOR_SESSION_TTL_S="30", PROCTOR_EXPIRY_SWEEP_S="1").start()
+    """A session restored at startup whose client never comes back still expires on time (at startup if the
+    restart took longer than its TTL, else by the sweep)."""
+    srv = Serve(tmp_path / "data", PROCTOR_SESSION_TTL_S="12", PROCTOR_EXPIRY_SWEEP_S="1").start()
     try:
         srv.post("/api/v1/session/start", {"exam_session_id": "y1", "candidate_id": "c", "exam_id": "e"})
         srv.stop(signal.SIGKILL)
         srv.start()
-        assert srv.get("/api/v1/session/y1")["state"] == "active"
         deadline = time.time() + 120
         while srv.get("/api/v1/session/y1")["state"] == "active":
             assert time.time() < deadline, "the session never expired"
@@ -142,3 +142,26 @@ def test_the_expiry_sweep_covers_sessions_nobody_reconnected_to(tmp_path: Path) 
         assert srv.get("/api/v1/session/y1")["state"] == "expired"
     finally:
         srv.stop()
+
+
+async def test_the_expiry_sweep_reads_the_database(tmp_path: Path) -> None:
+    """The sweep ends sessions that are active in the database but not in this process's memory."""
+    from sqlalchemy import update
+
+    from proctor.db import SessionRow, utcnow
+    from tests.conftest import LiveServer
+
+    server = LiveServer(tmp_path, expiry_sweep_s=0.2).start()
+    try:
+        server.start_session("z1")
+        mgr = server.app.state.sessions
+        mgr.live.pop("z1").stop()  # as if another process had served it, or none since a restart
+        with mgr.sm.begin() as db:
+            db.execute(update(SessionRow).where(SessionRow.id == "z1").values(expires_at=utcnow()))
+        deadline = time.time() + 60
+        while server.session("z1")["state"] == "active":
+            assert time.time() < deadline, "the sweep never ended it"
+            await asyncio.sleep(0.1)
+        assert server.session("z1")["state"] == "expired"
+    finally:
+        server.stop()
