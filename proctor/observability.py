@@ -117,6 +117,9 @@ def configure_logging(fmt: str = "json", level: str | int = "INFO", stream: IO[s
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+    # httpx logs every request's full URL at INFO: a webhook URL may carry a secret in its query string.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     return handler
 
 
