@@ -45,7 +45,8 @@ try:  # websockets >= 13
 
     _NEW_API = True
 except ImportError:  # pragma: no cover - websockets 12
-    _ws_connect = websockets.connect  # type: ignore[assignment]
+    # The legacy connect function in place of 13's connect class: a different type, the same call.
+    _ws_connect = websockets.connect  # type: ignore[misc]
     _NEW_API = False
 
 log = logging.getLogger(__name__)

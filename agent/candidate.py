@@ -130,7 +130,7 @@ class CandidateSession:
             "candidate_id": i.candidate_id,
             "exam_id": i.exam_id,
             "frontend_instance_id": i.frontend_instance_id,
-            # Copied into every alert (analyzer.sessions.ROOM_KEYS): where it came from and who watches.
+            # Copied into every alert (proctor.contracts.alerts.ROOM_KEYS): where it came from and who watches.
             "metadata": {
                 "livekit_room": self.room_name,
                 "candidate_identity": self.identity,
@@ -276,7 +276,8 @@ class CandidateSession:
                 self._sampler.fps = self.stream.video_fps  # hello may change it
                 if self._sampler.due(ts):
                     self.counters.frames_sampled += 1
-                    self._slot.put((ev.frame, ts, ev.rotation))
+                    # livekit annotates VideoFrameEvent.rotation as the enum class; it is the enum's int value.
+                    self._slot.put((ev.frame, ts, ev.rotation))  # type: ignore[arg-type]
         finally:
             await close_stream(stream)
 

@@ -32,7 +32,8 @@ CHUNK_BYTES = CHUNK_SAMPLES * AUDIO_SAMPLE_WIDTH
 _T = rtc.VideoBufferType
 # Source types that the SDK converts to I420 (then I420 -> RGB24); see the module docstring.
 _VIA_I420 = frozenset({_T.RGBA, _T.BGRA, _T.ARGB, _T.I420A, _T.I422, _T.I444, _T.NV12})
-_ROTATE = {
+# Keyed by plain int: rotations arrive as ints (VideoFrameEvent.rotation, the agent's frame slot).
+_ROTATE: dict[int, int] = {
     rtc.VideoRotation.VIDEO_ROTATION_90: cv2.ROTATE_90_CLOCKWISE,
     rtc.VideoRotation.VIDEO_ROTATION_180: cv2.ROTATE_180,
     rtc.VideoRotation.VIDEO_ROTATION_270: cv2.ROTATE_90_COUNTERCLOCKWISE,
@@ -43,7 +44,7 @@ class FrameConversionError(Exception):
     """A frame type this agent does not convert (counted and skipped by the caller)."""
 
 
-def buffer_type_name(t: int) -> str:
+def buffer_type_name(t: rtc.VideoBufferType.ValueType) -> str:
     try:
         return _T.Name(t)
     except ValueError:

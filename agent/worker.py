@@ -108,16 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lk_setup_logging = lk_cli.setup_logging
 
-    def setup_logging(level: str, *rest: Any, **kw: Any) -> None:
+    def setup_logging(log_level: str, *rest: Any, **kw: Any) -> None:  # livekit's first parameter, by name
         # livekit-agents' runner sets up logging itself: keep its logger levels, put our handler in place
         # of its own so the agent's records share the analyzer's format (proctor.observability).
         root = logging.getLogger()
         before = set(root.handlers)
-        lk_setup_logging(level, *rest, **kw)
+        lk_setup_logging(log_level, *rest, **kw)
         added = [h for h in root.handlers if h not in before]
         for h in added:
             root.removeHandler(h)
-        ours = observability.configure_logging(log_format, level)
+        ours = observability.configure_logging(log_format, log_level)
         for f in (f for h in added for f in h.filters):
             ours.addFilter(f)  # livekit's global fields (e.g. region)
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -170,9 +171,9 @@ def _declare_only_real_errors(app: FastAPI) -> None:
             for p in op.get("parameters", [])
         )
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            doc = generate()
+            doc = generate()  # FastAPI's: stores the document in app.openapi_schema and returns it
             ours = {"$ref": "#/components/schemas/ValidationErrorBody"}
             for path_item in doc.get("paths", {}).values():
                 for op in path_item.values():
@@ -187,6 +188,7 @@ def _declare_only_real_errors(app: FastAPI) -> None:
             schemas.pop("ValidationError", None)
             for model in ERROR_MODELS:
                 schemas.setdefault(model.__name__, model.model_json_schema(ref_template=_REF))
+            return doc
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -34,17 +34,13 @@ from analyzer.rules.policy import effective_policy
 from dispatcher import retention
 from dispatcher.outbox import AlertSink
 from proctor import observability
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, ts_to_iso
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, room_keys, ts_to_iso
 from proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
 from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode, ControlEvent, MediaMessage
 from proctor.db import AuditRow, SessionRow, utcnow
 from proctor.observability import session_context
 
 log = logging.getLogger(__name__)
-
-
-# Session metadata keys copied into every alert's metadata (docs/livekit.md).
-ROOM_KEYS = ("livekit_room", "proctor_identities", "candidate_identity")
 
 
 class SessionConflict(Exception):
@@ -478,7 +474,7 @@ class LiveSession:
                 worker_id=self.m.worker_id,
                 exam_id=self.exam_id,
                 # Routing hints for room delivery, when the session came from a LiveKit room.
-                **{k: self.metadata[k] for k in ROOM_KEYS if k in self.metadata},
+                **room_keys(self.metadata),
             ),
             incident_id=ev.incident_id,
             incident_state=ev.state,

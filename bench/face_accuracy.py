@@ -69,7 +69,7 @@ def main() -> None:
     oep = load(args.data, "faces/webcam_oep/labels.csv")
     multi = load(args.data, "faces/multi_face/face_counts.csv")
     conditions = sorted({c for _, _, c in oep})
-    counts = defaultdict(int)
+    counts: defaultdict[str, int] = defaultdict(int)
     for _, _, c in oep:
         counts[c] += 1
 

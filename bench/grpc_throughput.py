@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from dispatcher.transports.base import Envelope  # noqa: E402
 from dispatcher.transports.grpc import GrpcTransport  # noqa: E402
-from proctor.contracts.alerts import Alert, AlertMetadata  # noqa: E402
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState  # noqa: E402
 
 WARMUP = 10
 
@@ -34,7 +34,7 @@ def envelopes(first_seq: int, n: int) -> list[Envelope]:
         a = Alert(
             exam_session_id="exam-2025-0412-c17",
             candidate_id="cand-8841",
-            event_type="FACE_NOT_FOUND",
+            event_type=EventType.FACE_NOT_FOUND,
             severity_score=0.621,
             ai_model_source="mediapipe.blazeface_full_range",
             evidence={
@@ -51,7 +51,7 @@ def envelopes(first_seq: int, n: int) -> list[Envelope]:
             },
             metadata=AlertMetadata(node_id="analyzer-1", worker_id="pid8533", exam_id="math-101"),
             incident_id="a73bbced-576e-47b5-abb6-85e7d9552288",
-            incident_state="started",
+            incident_state=IncidentState.STARTED,
         )
         out.append(Envelope(seq, a.event_id, a.exam_session_id, a.event_type, a.to_json().encode(), time.time()))
     return out

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/..
 
 from dispatcher.transports.base import Envelope
 from dispatcher.transports.kafka import KafkaTransport
-from proctor.contracts.alerts import Alert, AlertMetadata
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from tests.kafka_broker import TansuBroker
 
 SESSIONS = ("exam-a", "exam-b", "exam-c")
@@ -35,7 +35,7 @@ def make_batch(start: int, n: int, pad: int) -> list[Envelope]:
         a = Alert(
             exam_session_id=session,
             candidate_id=f"cand-{session}",
-            event_type="MULTIPLE_FACES",
+            event_type=EventType.MULTIPLE_FACES,
             severity_score=0.8,
             ai_model_source="blazeface-full",
             evidence={"face_count": 2, "boxes": [[10, 20, 110, 140], [300, 40, 380, 150]], "pad": "x" * pad},

@@ -22,6 +22,13 @@ sys.path.insert(0, str(REPO))
 from analyzer.pipeline import ModelSet, decode_jpeg  # noqa: E402
 
 
+def _reencoded(path: Path) -> bytes:
+    img = cv2.imread(str(path))
+    if img is None:
+        raise SystemExit(f"not a readable image: {path}")
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir", nargs="?", default=str(REPO.parent / "shared" / "data"))
@@ -32,7 +39,7 @@ def main() -> int:
         print(f"no frames under {args.data_dir}/faces/webcam_oep", file=sys.stderr)
         return 2
     models = ModelSet.load()
-    jpegs = [cv2.imencode(".jpg", cv2.imread(str(f)), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes() for f in frames]
+    jpegs = [_reencoded(f) for f in frames]
     times: dict[str, list[float]] = {}
     models.analyze_jpeg(jpegs[0], 0, 0.0)  # warm-up: interpreters are built lazily per thread
     t_all = []

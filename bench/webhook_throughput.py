@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from dispatcher.transports.base import Envelope  # noqa: E402
 from dispatcher.transports.webhook import WebhookTransport  # noqa: E402
 from dispatcher.webhook_signing import generate_secret  # noqa: E402
-from proctor.contracts.alerts import Alert, AlertMetadata  # noqa: E402
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState  # noqa: E402
 
 
 def _free_port() -> int:
@@ -46,12 +46,12 @@ def make_batch(n: int, sessions: int, seq0: int) -> list[Envelope]:
         a = Alert(
             exam_session_id=sid,
             candidate_id=f"cand-{i % sessions}",
-            event_type="FACE_NOT_FOUND",
+            event_type=EventType.FACE_NOT_FOUND,
             severity_score=0.62,
             ai_model_source="mediapipe.blazeface_full_range",
             evidence={"face_count": 0.0, "threshold_s": 5.0, "duration_s": 5.2, "frame_seq": i, "face_scores": []},
             metadata=AlertMetadata(node_id="bench", worker_id="pid0"),
-            incident_state="started",
+            incident_state=IncidentState.STARTED,
         )
         out.append(Envelope(seq0 + i, a.event_id, sid, "FACE_NOT_FOUND", a.to_json().encode(), time.time()))
     return out

@@ -111,14 +111,14 @@ class Dispatcher:
         """Lets each lane finish the batch in hand (sent and acknowledged, so a graceful restart sends no
         duplicates), up to grace_s; then cancels what is left."""
         self._stop.set()
-        lanes = [t for t in self._tasks if t.get_name().startswith("lane:")]
+        lanes = [task for task in self._tasks if task.get_name().startswith("lane:")]
         if lanes:
             await asyncio.wait(lanes, timeout=grace_s)
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+                await task
         for t in self.lanes:
             with contextlib.suppress(Exception):
                 await t.close()

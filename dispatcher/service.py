@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy.orm import sessionmaker
@@ -122,11 +123,17 @@ async def run_standalone(s: Settings) -> None:
     async def metrics() -> Response:
         return Response(generate_latest(d.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    class _Server(uvicorn.Server):
+        # SIGINT / SIGTERM are the loop's (below): the lanes drain before the web side stops. (uvicorn >= 0.29
+        # installs its handlers here; the install_signal_handlers it had before is gone.)
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
     # log_config=None: uvicorn keeps to the process's logging setup (proctor.observability).
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(app, host=s.dispatcher_host, port=s.dispatcher_port, log_level="warning", log_config=None)
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     await d.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

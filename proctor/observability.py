@@ -31,6 +31,8 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
+from structlog.typing import EventDict
 
 from proctor import __version__
 from proctor.contracts.alerts import Alert
@@ -44,7 +46,7 @@ _tracer: trace.Tracer | None = None  # None: tracing off
 # ---- logs
 
 
-def _add_trace(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_trace(_: Any, __: str, event_dict: EventDict) -> EventDict:
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid:
         event_dict.setdefault("trace_id", format(ctx.trace_id, "032x"))
@@ -52,7 +54,7 @@ def _add_trace(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
-def _drop_color_message(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _drop_color_message(_: Any, __: str, event_dict: EventDict) -> EventDict:
     event_dict.pop("color_message", None)  # uvicorn's ANSI-coloured copy of the message, as an extra
     return event_dict
 
@@ -60,10 +62,10 @@ def _drop_color_message(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str
 _FIRST = ("timestamp", "level", "logger", "message")
 
 
-def _key_order(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _key_order(_: Any, __: str, event_dict: EventDict) -> EventDict:
     # timestamp, level, logger, message first: the lines read well before any tool parses them.
     head = {k: event_dict.pop(k) for k in _FIRST if k in event_dict}
-    return head | event_dict
+    return {**head, **event_dict}
 
 
 def configure_logging(fmt: str = "json", level: str | int = "INFO", stream: IO[str] | None = None) -> logging.Handler:
@@ -236,7 +238,7 @@ def frame_span(session_id: str, seq: int, arrived_perf: float) -> AbstractContex
     if t is None:
         return _OFF
     start = time.time_ns() - int((time.perf_counter() - arrived_perf) * 1e9)
-    attrs = {"proctor.session_id": session_id, "proctor.frame.seq": seq}
+    attrs: Attributes = {"proctor.session_id": session_id, "proctor.frame.seq": seq}
     return t.start_as_current_span("analyze frame", kind=trace.SpanKind.CONSUMER, start_time=start, attributes=attrs)
 
 
@@ -327,8 +329,11 @@ def alerts_outbox_span(alerts: Sequence[Alert]) -> Iterator[None]:
 
 
 class _Enveloped(Protocol):
-    event_id: str
-    payload: bytes
+    # Read-only (properties), so that frozen dataclasses such as dispatcher's Envelope match.
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
 
 
 def _payload_traceparent(payload: bytes) -> str | None:
@@ -368,7 +373,11 @@ def dispatch_span(transport: str, batch: Sequence[_Enveloped]) -> Iterator[None]
             else:
                 sc = context_of(_payload_traceparent(e.payload))
                 parent = trace.set_span_in_context(trace.NonRecordingSpan(sc)) if sc else otel_context.Context()
-            attrs = {"proctor.transport": transport, "proctor.event_id": e.event_id, "proctor.batch_size": len(batch)}
+            attrs: Attributes = {
+                "proctor.transport": transport,
+                "proctor.event_id": e.event_id,
+                "proctor.batch_size": len(batch),
+            }
             spans.append(t.start_span(f"dispatch {transport}", parent, trace.SpanKind.PRODUCER, attrs))
         token = _dispatching.set({e.event_id: sp for e, sp in zip(batch, spans, strict=True)})
         try:

@@ -90,6 +90,7 @@ def oep(data_dir: Path) -> list[dict[str, Any]]:
 
 def jpeg_of(path: Path, long_side: int = 640) -> bytes:
     img = cv2.imread(str(path))
+    assert img is not None, f"not a readable image: {path}"
     h, w = img.shape[:2]
     s = long_side / max(h, w)
     if s < 1:

@@ -30,7 +30,9 @@ class FakeTrack:
         self._events: asyncio.Queue[rtc.VideoFrameEvent | rtc.AudioFrameEvent | None] = asyncio.Queue()
 
     def push_video(self, frame: rtc.VideoFrame, timestamp_us: int = 0) -> None:
-        self._events.put_nowait(rtc.VideoFrameEvent(frame, timestamp_us, rtc.VideoRotation.VIDEO_ROTATION_0))
+        # livekit annotates VideoFrameEvent.rotation as the enum class; it holds the enum's int value.
+        rotation = rtc.VideoRotation.VIDEO_ROTATION_0
+        self._events.put_nowait(rtc.VideoFrameEvent(frame, timestamp_us, rotation))  # type: ignore[arg-type]
 
     def push_audio(self, frame: rtc.AudioFrame) -> None:
         self._events.put_nowait(rtc.AudioFrameEvent(frame))
@@ -71,7 +73,14 @@ class FakeStreams:
 
 
 class FakePublication:
-    def __init__(self, room: FakeRoom, participant: FakeParticipant, track: FakeTrack, source: int, muted: bool):
+    def __init__(
+        self,
+        room: FakeRoom,
+        participant: FakeParticipant,
+        track: FakeTrack,
+        source: rtc.TrackSource.ValueType,
+        muted: bool,
+    ):
         self.room = room
         self.participant = participant
         self.sid = f"TR_pub{next(_ids)}"
@@ -162,7 +171,9 @@ class FakeRoom(rtc.EventEmitter[str]):
         p.attributes.update(attributes)
         self.emit("participant_attributes_changed", dict(attributes), p)
 
-    def publish(self, p: FakeParticipant, source: int, muted: bool = False) -> tuple[FakePublication, FakeTrack]:
+    def publish(
+        self, p: FakeParticipant, source: rtc.TrackSource.ValueType, muted: bool = False
+    ) -> tuple[FakePublication, FakeTrack]:
         audio = source in (rtc.TrackSource.SOURCE_MICROPHONE, rtc.TrackSource.SOURCE_SCREENSHARE_AUDIO)
         track = FakeTrack(rtc.TrackKind.KIND_AUDIO if audio else rtc.TrackKind.KIND_VIDEO)
         pub = FakePublication(self, p, track, source, muted)

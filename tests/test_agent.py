@@ -167,9 +167,10 @@ def test_frames_convert_through_the_sdk_and_never_touch_abgr(candidate_rgb: np.n
         frame_to_rgb(rtc.VideoFrame(w, h, T.I010, bytes(w * h * 3)))
     jpeg = frame_to_jpeg(rgba_frame(candidate_rgb), 640, 80)
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert jpeg[:2] == b"\xff\xd8" and img.shape[:2] == (480, 640)
+    assert jpeg[:2] == b"\xff\xd8" and img is not None and img.shape[:2] == (480, 640)
     rotated = frame_to_jpeg(rgba_frame(candidate_rgb), 640, 80, rtc.VideoRotation.VIDEO_ROTATION_90)
-    assert cv2.imdecode(np.frombuffer(rotated, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (640, 480)
+    img = cv2.imdecode(np.frombuffer(rotated, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None and img.shape[:2] == (640, 480)
 
 
 def test_audio_is_chunked_in_100_ms_and_resampled(speech: list[rtc.AudioFrame]) -> None:

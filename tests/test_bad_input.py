@@ -94,6 +94,8 @@ def test_rest_fields_are_bounded(server: LiveServer) -> None:
         for metadata, reason in (
             ({"notes": "a" * 20_000}, "at most 16384 allowed"),  # under the body limit, over the field's
             (deep, "nests 13 levels deep; at most 8 allowed"),
+            # copied into every alert's typed metadata (proctor.contracts.alerts.ROOM_KEYS)
+            ({"proctor_identities": "proctor-1"}, "metadata.proctor_identities must be a list of strings"),
         ):
             r = c.post("/api/v1/session/start", json={**base, "metadata": metadata})
             assert r.status_code == 422, r.text
@@ -157,6 +159,7 @@ async def _close_of(url: str) -> tuple[int, str]:
     async with websockets.connect(url) as ws:
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code is not None and ws.close_reason is not None  # set once closed
         return ws.close_code, ws.close_reason
 
 

@@ -49,6 +49,7 @@ def test_inspect_reports_unreadable_files(tmp_path: Path) -> None:
 def test_analyze_recording_gives_alerts_at_their_offsets(tmp_path: Path, oep: list[dict[str, Any]]) -> None:
     """A 10 fps recording: candidate for 3 s, gone for 7 s, back for 3 s."""
     img = cv2.imread(str(next(r["path"] for r in oep if r["condition"] == "normal")))
+    assert img is not None
     h, w = img.shape[:2]
     path = tmp_path / "exam.avi"
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
@@ -178,6 +179,7 @@ def test_token_carries_the_attributes_the_agent_reads(tmp_path: Path) -> None:
                        capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     claims = api.TokenVerifier("devkey", "s" * 32).verify(r.stdout.strip())
+    assert claims.video is not None and claims.room_config is not None
     assert claims.identity == "alice" and claims.video.room == "exam-7" and claims.video.can_publish
     assert claims.attributes == {"role": "candidate", "exam_session_id": "exam-7-alice", "candidate_id": "alice",
                                  "exam_id": "math-101"}  # fmt: skip
@@ -185,4 +187,5 @@ def test_token_carries_the_attributes_the_agent_reads(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "proctor.cli", "token", "--room", "exam-7", "--identity", "bob",
                         "--role", "proctor"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     claims = api.TokenVerifier("devkey", "s" * 32).verify(r.stdout.strip())
+    assert claims.video is not None
     assert claims.attributes == {"role": "proctor"} and not claims.video.can_publish

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from analyzer.pipeline import Sampler
 from proctor.contracts import wire
-from proctor.contracts.alerts import Alert, AlertMetadata, alert_json_schema
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType, alert_json_schema, check_room_keys, room_keys
 from proctor.tokens import TokenError, mint, verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ def test_bad_media_headers(data: bytes, code: str) -> None:
 def test_control_validation() -> None:
     assert wire.validate_control({"type": "control", "event": "track_muted", "track": "camera"})
     assert wire.validate_control({"type": "control", "event": "participant_left"})
+    bad: Any
     for bad in (
         [],
         {"type": 1},
@@ -93,7 +95,7 @@ def test_alert_validates_fields() -> None:
     a = Alert(
         exam_session_id="s",
         candidate_id="c",
-        event_type="FACE_NOT_FOUND",
+        event_type=EventType.FACE_NOT_FOUND,
         severity_score=0.5,
         ai_model_source="m",
         metadata=AlertMetadata(node_id="n", worker_id="w"),
@@ -103,7 +105,7 @@ def test_alert_validates_fields() -> None:
         Alert(
             exam_session_id="s",
             candidate_id="c",
-            event_type="NOPE",
+            event_type="NOPE",  # type: ignore[arg-type]  # not an event type, on purpose
             severity_score=0.5,
             ai_model_source="m",
             metadata=AlertMetadata(node_id="n", worker_id="w"),
@@ -112,11 +114,40 @@ def test_alert_validates_fields() -> None:
         Alert(
             exam_session_id="s",
             candidate_id="c",
-            event_type="FACE_NOT_FOUND",
+            event_type=EventType.FACE_NOT_FOUND,
             severity_score=1.5,
             ai_model_source="m",
             metadata=AlertMetadata(node_id="n", worker_id="w"),
         )
+
+
+def test_alert_metadata_optional_keys_appear_only_when_set() -> None:
+    def alert(metadata: AlertMetadata) -> dict:
+        a = Alert(
+            exam_session_id="s",
+            candidate_id="c",
+            event_type=EventType.CAMERA_OFF,
+            severity_score=0.5,
+            ai_model_source="m",
+            metadata=metadata,
+        )
+        return json.loads(a.to_json())["metadata"]
+
+    # Unset: the message is what it was before these keys were typed (traceparent is always there).
+    assert alert(AlertMetadata(node_id="n", worker_id="w")) == {"node_id": "n", "worker_id": "w", "traceparent": None}
+    room: dict[str, Any] = {"livekit_room": "r", "candidate_identity": "alice", "proctor_identities": ["p1", "p2"]}
+    extra = {"custom": {"k": 1}}  # metadata stays open
+    full = alert(AlertMetadata.model_validate({"node_id": "n", "worker_id": "w", "exam_id": "e", **room, **extra}))
+    assert full == {"node_id": "n", "worker_id": "w", "traceparent": None, "exam_id": "e", **room, **extra}
+    # Session metadata: the room keys are checked at the door, and a stored value of another type is left out.
+    check_room_keys({**room, "other": 5})
+    for bad in ({"livekit_room": 5}, {"proctor_identities": "p1"}, {"proctor_identities": ["p1", 2]}):
+        with pytest.raises(ValueError, match=f"metadata.{next(iter(bad))} must be"):
+            check_room_keys(bad)
+        assert room_keys({**bad, "candidate_identity": "alice"}) == {"candidate_identity": "alice"}
+    assert room_keys({**room, "livekit_room": None, "other": 1}) == {
+        k: v for k, v in room.items() if k != "livekit_room"
+    }
 
 
 def test_sampler_keeps_the_rate_by_capture_time() -> None:

@@ -18,7 +18,7 @@ from dispatcher.outbox import RedisOutbox, SqlOutbox
 from dispatcher.source import STREAM, RedisSource, SqlSource
 from dispatcher.transports.base import RetryPolicy
 from dispatcher.transports.redis_stream import RedisStreamTransport
-from proctor.contracts.alerts import Alert, AlertMetadata
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from proctor.db import DeadLetterRow, make_engine, make_sessionmaker
 from tests.servers import RedisServer, free_port
 
@@ -27,7 +27,7 @@ FAST = RetryPolicy(max_attempts=3, delays_s=(0.01, 0.02, 0.05), jitter=0.0)
 
 def alert(i: int, session: str = "s1") -> Alert:
     return Alert(
-        exam_session_id=session, candidate_id="c", event_type="FACE_NOT_FOUND", severity_score=0.5,
+        exam_session_id=session, candidate_id="c", event_type=EventType.FACE_NOT_FOUND, severity_score=0.5,
         ai_model_source="test", evidence={"i": i}, metadata=AlertMetadata(node_id="n", worker_id="w"),
     )  # fmt: skip
 

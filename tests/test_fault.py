@@ -39,7 +39,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from dispatcher.outbox import SqlOutbox
-from proctor.contracts.alerts import Alert, AlertMetadata
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from proctor.db import CursorRow, DeadLetterRow, OutboxRow, make_engine, make_sessionmaker
 from tests.servers import RedisServer, free_port, wait_port
 
@@ -216,7 +216,7 @@ def test_ten_thousand_alerts_survive_every_peer_and_the_dispatcher_dying(tmp_pat
         for i in range(N):
             if quit_.is_set():
                 return
-            a = Alert(exam_session_id=f"s{i % 50}", candidate_id="c", event_type="FACE_NOT_FOUND",
+            a = Alert(exam_session_id=f"s{i % 50}", candidate_id="c", event_type=EventType.FACE_NOT_FOUND,
                       severity_score=0.5, ai_model_source="fault-test", evidence={"i": i},
                       metadata=AlertMetadata(node_id="n", worker_id="w"))  # fmt: skip
             with gate:
@@ -248,11 +248,16 @@ def test_ten_thousand_alerts_survive_every_peer_and_the_dispatcher_dying(tmp_pat
             time.sleep(1.0)
             kafka.start()
 
+    def redis_restart() -> None:
+        redis.kill()
+        time.sleep(1.0)
+        redis.start()
+
     faults: list[tuple[float, str, Callable[[], None]]] = [
         (0.15, "gRPC consumer killed", lambda: restart(grpc)),
         (0.30, "webhook receiver killed", lambda: restart(webhook)),
         (0.45, "Kafka broker killed", kafka_restart),
-        (0.60, "Redis killed", lambda: (redis.kill(), time.sleep(1.0), redis.start())),
+        (0.60, "Redis killed", redis_restart),
         (0.75, "dispatcher SIGKILLed", lambda: restart(disp, 0.5)),
     ]
     producer = threading.Thread(target=produce, daemon=True)

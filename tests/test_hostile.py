@@ -200,7 +200,7 @@ async def _close_of(url: str) -> tuple[int, str]:
     async with websockets.connect(url) as ws:
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 30)
-        assert ws.close_code is not None
+        assert ws.close_code is not None and ws.close_reason is not None  # set once closed
         return ws.close_code, ws.close_reason
 
 

@@ -27,7 +27,7 @@ from dispatcher.service import build_dispatcher, lane_names
 from dispatcher.source import RedisSource, SqlSource
 from dispatcher.transports.base import RetryPolicy
 from dispatcher.transports.redis_stream import RedisStreamTransport
-from proctor.contracts.alerts import Alert, AlertMetadata
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow, make_engine, make_sessionmaker
 from proctor.settings import Settings
 from tests.conftest import LiveServer
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 def alert(i: int, *, age_s: float = 0.0) -> Alert:
     ts = (datetime.now(UTC) - timedelta(seconds=age_s)).isoformat()
     return Alert(
-        exam_session_id="s1", candidate_id="c", event_type="FACE_NOT_FOUND", severity_score=0.5, timestamp=ts,
+        exam_session_id="s1", candidate_id="c", event_type=EventType.FACE_NOT_FOUND, severity_score=0.5, timestamp=ts,
         ai_model_source="test", evidence={"i": i}, metadata=AlertMetadata(node_id="n", worker_id="w"),
     )  # fmt: skip
 

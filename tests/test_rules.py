@@ -124,9 +124,10 @@ def test_severity_in_range_and_grows_with_faces() -> None:
 def test_incident_rate_limit_suppresses_whole_incidents_and_says_so() -> None:
     from analyzer.rules.engine import RuleEvent
     from analyzer.rules.limits import IncidentLimiter
+    from proctor.contracts.alerts import EventType
     from proctor.contracts.alerts import IncidentState as S
 
-    def ev(i: int, state: S, kind: str = "CAMERA_OFF") -> RuleEvent:
+    def ev(i: int, state: S, kind: EventType = EventType.CAMERA_OFF) -> RuleEvent:
         return RuleEvent(kind, state, f"inc-{kind}-{i}", float(i), 0.5, "m", {})
 
     lim = IncidentLimiter(burst=3, refill_s=10.0)
@@ -139,7 +140,7 @@ def test_incident_rate_limit_suppresses_whole_incidents_and_says_so() -> None:
         "inc-CAMERA_OFF-2",
     ]
     assert len(out) == 9  # every reported incident keeps its update and end; the others left nothing
-    assert lim.filter([ev(9, S.STARTED, "PHONE_DETECTED")], now=0.6)  # other types have their own bucket
+    assert lim.filter([ev(9, S.STARTED, EventType.PHONE_DETECTED)], now=0.6)  # other types have their own bucket
     # Ten seconds later one more gets through and tells how many were not reported before it.
     late = lim.filter([ev(7, S.STARTED)], now=10.6)
     assert late and late[0].evidence["incidents_suppressed_before"] == 3

@@ -22,7 +22,7 @@ import pytest
 from dispatcher.consumers.grpc_server import ConsumerServer, serve
 from dispatcher.transports.base import DeliveryError, Envelope
 from dispatcher.transports.grpc import GrpcTransport, alert_from_proto, alert_to_proto
-from proctor.contracts.alerts import Alert, AlertMetadata
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState
 from proctor.protogen import REPO, ensure_generated
 
 WAIT_S = 60.0  # upper bound for conditions that hold after a few loop turns: generous, never a speed test
@@ -34,13 +34,13 @@ def make_envelopes(first_seq: int, n: int) -> list[Envelope]:
         alert = Alert(
             exam_session_id="exam-1",
             candidate_id="cand-1",
-            event_type="FACE_NOT_FOUND",
+            event_type=EventType.FACE_NOT_FOUND,
             severity_score=0.6,
             ai_model_source="mediapipe.blazeface_full_range",
             evidence={"face_count": 0.0, "frame_seq": seq, "face_scores": []},
             metadata=AlertMetadata(node_id="n1", worker_id="w1", exam_id="math-101"),
             incident_id="a73bbced-576e-47b5-abb6-85e7d9552288",
-            incident_state="started",
+            incident_state=IncidentState.STARTED,
         )
         payload = alert.to_json().encode()
         out.append(Envelope(seq, alert.event_id, "exam-1", "FACE_NOT_FOUND", payload, time.time()))

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from dispatcher.consumers.kafka import ConsumerStats, consume
 from dispatcher.transports.base import DeliveryError, Envelope
 from dispatcher.transports.kafka import KafkaTransport
-from proctor.contracts.alerts import Alert, AlertMetadata
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from tests.kafka_broker import TansuBroker, free_port, tansu_binary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def envelope(seq: int, session: str, *, pad: int = 0) -> Envelope:
     a = Alert(
         exam_session_id=session,
         candidate_id=f"cand-{session}",
-        event_type="FACE_NOT_FOUND",
+        event_type=EventType.FACE_NOT_FOUND,
         severity_score=0.5,
         ai_model_source="test",
         evidence={"seq": seq, "pad": "x" * pad},

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import uvicorn
@@ -16,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 
 from dispatcher.transports.base import Envelope
 from dispatcher.transports.livekit_room import ALERT_TOPIC, MAX_RELIABLE_PACKET, LiveKitRoomTransport, fit_packet
-from proctor.contracts.alerts import Alert, AlertMetadata
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from tests.servers import free_port
 
 KEY, SECRET = "devkey", "devsecret_devsecret_devsecret_32b"
@@ -37,6 +38,7 @@ class FakeRoomService:
         async def send_data(request: Request) -> Response:
             claims = verifier.verify(request.headers["authorization"].removeprefix("Bearer "))
             req = room.SendDataRequest.FromString(await request.body())
+            assert claims.video is not None
             self.requests.append((req, {"room_admin": claims.video.room_admin, "room": claims.video.room}))
             return Response(room.SendDataResponse().SerializeToString(), media_type="application/protobuf")
 
@@ -62,8 +64,8 @@ def fake_room() -> Iterator[FakeRoomService]:
         yield f
 
 
-def envelope(seq: int, evidence: dict, **meta: object) -> Envelope:
-    a = Alert(exam_session_id="s1", candidate_id="c1", event_type="PHONE_DETECTED", severity_score=0.8,
+def envelope(seq: int, evidence: dict, **meta: Any) -> Envelope:
+    a = Alert(exam_session_id="s1", candidate_id="c1", event_type=EventType.PHONE_DETECTED, severity_score=0.8,
               ai_model_source="nanodet", evidence=evidence,
               metadata=AlertMetadata(node_id="n", worker_id="w", **meta))  # fmt: skip
     return Envelope(seq, a.event_id, "s1", "PHONE_DETECTED", a.to_json().encode(), time.time())

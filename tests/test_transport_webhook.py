@@ -33,7 +33,7 @@ from dispatcher.webhook_signing import (
     verify,
     webhook_headers,
 )
-from proctor.contracts.alerts import Alert, AlertMetadata
+from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 
 OLD = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks spec's example secret
 NEW = generate_secret()
@@ -102,7 +102,7 @@ def make_env(seq: int, session: str = "sess-1") -> Envelope:
     a = Alert(
         exam_session_id=session,
         candidate_id="cand-1",
-        event_type="FACE_NOT_FOUND",
+        event_type=EventType.FACE_NOT_FOUND,
         severity_score=0.5,
         ai_model_source="test",
         evidence={"seq": seq},

@@ -317,8 +317,8 @@ def transform_tensor_bilinear(features: np.ndarray, matrix: np.ndarray, out_h: i
 
     Pixel centres (the v2 "align corners" correction), zero outside the map.
     """
-    feat = features.reshape(features.shape[-3:])
-    h, w, c = feat.shape
+    h, w, c = features.shape[-3:]
+    feat = features.reshape(h, w, c)
     mx = matrix.astype(np.float64)
     ax, bx, cx = mx[0, 0], mx[0, 1], mx[0, 3] + mx[0, 0] * 0.5 + mx[0, 1] * 0.5 - 0.5
     ay, by, cy = mx[1, 0], mx[1, 1], mx[1, 3] + mx[1, 0] * 0.5 + mx[1, 1] * 0.5 - 0.5

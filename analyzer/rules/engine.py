@@ -66,7 +66,7 @@ STRONG = frozenset(STRONG_GROUP)
 class RuleEvent:
     """What a rule reports; the session turns it into a canonical Alert."""
 
-    event_type: str
+    event_type: E
     state: IncidentState
     incident_id: str
     ts: float  # media time the event refers to
@@ -103,7 +103,7 @@ class DurationRule:
     been false for clear_after_s; a new one cannot start until cooldown_s after that.
     """
 
-    event_type: str
+    event_type: E
     condition: Condition
     measure: Callable[[Observation], float | None]  # the value that raised it, for evidence and severity
     measure_name: str
@@ -295,7 +295,7 @@ class ControlRule:
     after trigger_after_s (a grace period: a quick mute-unmute is not an incident).
     """
 
-    def __init__(self, event_type: str, policy: RulePolicy, base_severity: float) -> None:
+    def __init__(self, event_type: E, policy: RulePolicy, base_severity: float) -> None:
         self.event_type = event_type
         self.policy = policy
         self.base_severity = base_severity
@@ -420,7 +420,7 @@ class RuleEngine:
         self.controls: dict[str, ControlRule] = {}
         self.meta: DurationRule | None = None
 
-        def add(event: str, cond: Condition, measure: Callable[[Observation], float | None], name: str,
+        def add(event: E, cond: Condition, measure: Callable[[Observation], float | None], name: str,
                 threshold: float | None, base: float, per_unit: float = 0.0) -> None:  # fmt: skip
             if r[event].enabled:
                 self.rules.append(DurationRule(event, cond, measure, name, threshold, r[event], base, per_unit))
@@ -470,7 +470,7 @@ class RuleEngine:
         add(
             E.HEAD_DOWN,
             head(lambda h: h.pitch < t.head_down_pitch_deg),
-            lambda o: o.head and o.head.pitch,
+            lambda o: None if o.head is None else o.head.pitch,
             "head_pitch_deg",
             t.head_down_pitch_deg,
             0.4,
@@ -478,7 +478,7 @@ class RuleEngine:
         add(
             E.HEAD_TURNED_AWAY,
             head(lambda h: abs(h.yaw) > t.head_turn_yaw_deg),
-            lambda o: o.head and abs(o.head.yaw),
+            lambda o: None if o.head is None else abs(o.head.yaw),
             "head_yaw_deg",
             t.head_turn_yaw_deg,
             0.5,

@@ -88,6 +88,6 @@ def effective_policy(req: SessionStartRequest, default_fps: float) -> EffectiveP
         video_fps=req.video_fps or default_fps,
         verification=req.verification_policy,
         rules=rules,
-        thresholds=Thresholds(**req.thresholds),
+        thresholds=Thresholds.model_validate(req.thresholds),
         calibration=calibration,
     )

@@ -330,6 +330,10 @@ def _read(p: str | Path | None) -> bytes | None:
     return Path(p).read_bytes() if p is not None else None
 
 
+def _read_tls(cert: str | Path, key: str | Path, ca: str | Path | None) -> tuple[bytes, bytes, bytes | None]:
+    return Path(cert).read_bytes(), Path(key).read_bytes(), _read(ca)
+
+
 async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -366,8 +370,8 @@ async def serve(
     )
     delivery_pb2_grpc.add_AlertDeliveryServicer_to_server(_Servicer(consumer), server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-    if tls_cert is not None:
-        cert, key, ca = await asyncio.to_thread(lambda: (_read(tls_cert), _read(tls_key), _read(client_ca)))
+    if tls_cert is not None and tls_key is not None:  # both or neither (checked above)
+        cert, key, ca = await asyncio.to_thread(_read_tls, tls_cert, tls_key, client_ca)
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
         bound = server.add_secure_port(address, creds)
     else:

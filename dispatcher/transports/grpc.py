@@ -118,7 +118,7 @@ class _Conn:
     async def read_loop(self) -> None:
         try:
             while True:
-                msg = await self.call.read()
+                msg: Any = await self.call.read()  # a ServerMessage (generated, untyped) or EOF
                 if msg is grpc.aio.EOF:
                     self.fail("server closed the stream")
                     return
@@ -311,7 +311,7 @@ class GrpcTransport:
     async def _handshake(self, call: grpc.aio.StreamStreamCall) -> delivery_pb2.Ready:
         hello = delivery_pb2.Hello(client_id=self.client_id, stream_id=self.stream_id)
         await call.write(delivery_pb2.ClientMessage(hello=hello))
-        msg = await call.read()
+        msg: Any = await call.read()  # a ServerMessage (generated, untyped) or EOF
         if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "ready":
             raise ValueError("server did not answer Hello with Ready")
         return msg.ready

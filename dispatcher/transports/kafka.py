@@ -147,7 +147,8 @@ def _seal(producer: AIOKafkaProducer) -> None:
     only add linger_ms to every send. Same steps as aiokafka's own flush_for_commit(), without the wait.
     With other aiokafka internals this does nothing and linger_ms applies.
     """
-    acc = getattr(producer, "_message_accumulator", None)
+    # Private and untyped: anything missing (None included) raises AttributeError, suppressed below.
+    acc: Any = getattr(producer, "_message_accumulator", None)
     with contextlib.suppress(AttributeError):
         for batches in acc._batches.values():
             for batch in batches:

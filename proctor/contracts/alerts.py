@@ -8,13 +8,18 @@ incident's start has incident_state "started" and its end "ended".
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 SCHEMA_VERSION = "1.0"
+
+# Session metadata keys the analyzer copies into every alert's metadata: the LiveKit room a session came from and
+# who watches it (the agent writes them at session start; the room transport delivers by them).
+ROOM_KEYS = ("livekit_room", "proctor_identities", "candidate_identity")
 
 
 class EventType(StrEnum):
@@ -60,6 +65,52 @@ class AlertMetadata(BaseModel):
         description="W3C Trace Context traceparent of the span that appended the alert to the outbox (a child of "
         "the analysed frame's span); null when tracing is off. A consumer continues the trace from it",
     )
+    # Optional keys, absent from the message when unset (older messages and consumers know them as extra keys).
+    exam_id: str | None = Field(default=None, description="The session's exam_id (live sessions)")
+    livekit_room: str | None = Field(
+        default=None, description="LiveKit room the session came from (sessions started by the agent)"
+    )
+    proctor_identities: list[str] | None = Field(
+        default=None, description="Room participants the room transport sends the alert to"
+    )
+    candidate_identity: str | None = Field(default=None, description="The candidate's identity in the room")
+
+    # No return annotation: pydantic would derive the schema of the serialized form from it instead of the fields.
+    @model_serializer(mode="wrap")
+    def _omit_unset_optional_keys(self, handler: SerializerFunctionWrapHandler):
+        out = handler(self)
+        for key in _OMITTED_WHEN_NONE:
+            if key in out and out[key] is None:
+                del out[key]
+        return out
+
+
+_OMITTED_WHEN_NONE = ("exam_id", *ROOM_KEYS)
+_ROOM_KEY_TYPES = {
+    "livekit_room": "a string",
+    "proctor_identities": "a list of strings",
+    "candidate_identity": "a string",
+}
+
+
+def _room_value_ok(key: str, value: Any) -> bool:
+    if key == "proctor_identities":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, str)
+
+
+def check_room_keys(metadata: Mapping[str, Any]) -> None:
+    """Raises ValueError naming a ROOM_KEYS entry of session metadata that AlertMetadata cannot carry."""
+    for key in ROOM_KEYS:
+        value = metadata.get(key)
+        if value is not None and not _room_value_ok(key, value):
+            raise ValueError(f"metadata.{key} must be {_ROOM_KEY_TYPES[key]} (it is copied into every alert)")
+
+
+def room_keys(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The ROOM_KEYS of session metadata for AlertMetadata; a value of another type (a session stored before
+    session start checked them) is left out rather than failing every alert."""
+    return {k: v for k in ROOM_KEYS if (v := metadata.get(k)) is not None and _room_value_ok(k, v)}
 
 
 def _now_iso() -> str:

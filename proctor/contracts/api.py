@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator, model_validator
 
+from proctor.contracts.alerts import check_room_keys
+
 Sensitivity = Literal["low", "medium", "high"]
 
 # Feature names a session can switch on or off; unknown names are rejected (422).
@@ -150,6 +152,12 @@ class SessionStartRequest(BaseModel):
     @classmethod
     def _bounded_metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
         return check_bounded_json(v, "metadata", METADATA_MAX_BYTES)
+
+    @field_validator("metadata")
+    @classmethod
+    def _room_keys_typed(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_room_keys(v)  # alerts carry them as typed fields (AlertMetadata)
+        return v
 
 
 class RulePolicy(BaseModel):
