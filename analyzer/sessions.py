@@ -454,8 +454,8 @@ class LiveSession:
                 self.counters.audio_bytes += len(msg.payload)
                 self.m.metrics.audio_seconds.inc(len(msg.payload) / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH))
                 self._audio_done += 1
+                self._update_audio_hint()  # a flow hint goes out before the pong it may precede
                 self._progress()
-                self._update_audio_hint()
                 await asyncio.sleep(0)
 
     # ---- alerts out

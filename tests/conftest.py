@@ -234,7 +234,7 @@ class StreamClient:
     def alerts(self) -> list[dict[str, Any]]:
         return [m["alert"] for m in self.of_type("alert")]
 
-    async def wait_for(self, pred, timeout: float = 20.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+    async def wait_for(self, pred, timeout: float = 60.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
         deadline = time.time() + timeout
         while time.time() < deadline:
             for m in self.messages:
