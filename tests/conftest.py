@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import inspect
 import json
 import os
 import socket
@@ -244,6 +245,40 @@ class StreamClient:
                 break
             await asyncio.sleep(0.02)
         raise AssertionError(f"no matching message in {timeout}s; got {[m.get('type') for m in self.messages]}")
+
+
+async def eventually(pred: Any, timeout: float = 60.0, what: str = "") -> Any:  # noqa: ASYNC109
+    """Polls `pred` (a function; it may return an awaitable) until it gives something truthy, and returns that.
+    The deadline is generous on purpose: a busy machine makes a test slower, never red."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if inspect.isawaitable(got):
+            got = await got
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or pred}")
+        await asyncio.sleep(0.05)
+
+
+async def close_of(url: str) -> tuple[int, str]:
+    """Connects and reads until the server closes: (close code, reason)."""
+    async with websockets.connect(url) as ws:
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 60)
+        assert ws.close_code is not None
+        return ws.close_code, ws.close_reason
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real redis-server on a free loopback port (skips where it is not installed)."""
+    from tests.servers import RedisServer
+
+    srv = RedisServer().start()
+    yield srv
+    srv.stop()
 
 
 def stream_url(cfg: dict[str, Any]) -> str:

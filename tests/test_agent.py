@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from agent.participants import Role, candidate_info, role_of
 from agent.room import RoomProctor
 from dispatcher.transports.livekit_room import ALERT_TOPIC, FEEDBACK_TOPIC, MAX_RELIABLE_PACKET
 from tests.conftest import SYSTEM_KEY, LiveServer, _free_port, load_rgb
+from tests.conftest import eventually as wait_until
 from tests.fake_room import FakeRoom, FakeStreams, FakeTrack, Published
 
 T = rtc.VideoBufferType
@@ -105,18 +106,8 @@ async def proctoring(room: FakeRoom, settings: AgentSettings) -> AsyncIterator[R
         await agent.aclose("test_over")
 
 
-async def wait_until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what or pred}")
-
-
 async def connected(agent: RoomProctor, sid: str) -> None:
-    await wait_until(lambda: sid in agent.candidates and agent.candidates[sid].stream.connected, 30, f"{sid} up")
+    await wait_until(lambda: sid in agent.candidates and agent.candidates[sid].stream.connected, 60, f"{sid} up")
 
 
 async def play(track: FakeTrack, frames: list[rtc.VideoFrame], start: float, seconds: float, fps: float = 10) -> float:
@@ -241,7 +232,7 @@ async def test_empty_seat_alerts_the_proctors_and_tells_only_the_candidate(
         t = await play(cam, [rgba_frame(candidate_rgb)], base, 2.0)
         black = i420_frame(np.zeros((480, 640, 3), np.uint8))
         await play(cam, [black], t, 8.0)
-        msgs = await wait_until(lambda: alerts_of(room, "FACE_NOT_FOUND"), 30, "FACE_NOT_FOUND")
+        msgs = await wait_until(lambda: alerts_of(room, "FACE_NOT_FOUND"), 60, "FACE_NOT_FOUND")
         fb = await wait_until(
             lambda: [m for m in room.sent(FEEDBACK_TOPIC) if json.loads(m.payload)["code"] == "FACE_NOT_FOUND"]
         )
@@ -276,16 +267,16 @@ async def test_muted_camera_and_microphone_raise_camera_off_and_microphone_off(
         await connected(agent, "agent-mute")
         await play(cam, [i420_frame(candidate_rgb)], time.time() - 2, 1.0)
         room.mute(cam_pub)
-        await wait_until(lambda: alerts_of(room, "CAMERA_OFF"), 20, "CAMERA_OFF")
+        await wait_until(lambda: alerts_of(room, "CAMERA_OFF"), 60, "CAMERA_OFF")
         fb = await wait_until(
             lambda: [m for m in room.sent(FEEDBACK_TOPIC) if json.loads(m.payload)["code"] == "CAMERA_OFF"]
         )
         assert fb[0].destination_identities == ["bob"]
         room.unmute(cam_pub)
-        ended = await wait_until(lambda: alerts_of(room, "CAMERA_OFF", "ended"), 20, "CAMERA_OFF ended")
+        ended = await wait_until(lambda: alerts_of(room, "CAMERA_OFF", "ended"), 60, "CAMERA_OFF ended")
         assert json.loads(ended[0].payload)["evidence"]["duration_s"] >= 2.0
         room.mute(mic_pub)
-        mic = await wait_until(lambda: alerts_of(room, "MICROPHONE_OFF"), 20, "MICROPHONE_OFF")
+        mic = await wait_until(lambda: alerts_of(room, "MICROPHONE_OFF"), 60, "MICROPHONE_OFF")
         assert mic[0].destination_identities == ["proctor-1"]
     start = json.loads(alerts_of(room, "CAMERA_OFF")[0].payload)
     assert start["evidence"]["reason"] == "camera:track_muted"
@@ -336,12 +327,12 @@ async def test_two_candidates_two_sessions_proctors_ignored_and_leaving_ends_the
 
         # Bob steps out and is back within the grace period: same session, CANDIDATE_DISCONNECTED ends.
         room.leave(b)
-        await wait_until(lambda: alerts_of(room, "CANDIDATE_DISCONNECTED"), 20, "CANDIDATE_DISCONNECTED")
+        await wait_until(lambda: alerts_of(room, "CANDIDATE_DISCONNECTED"), 60, "CANDIDATE_DISCONNECTED")
         room.join("bob", metadata=json.dumps(candidate("two-b", "cand-b")))
-        await wait_until(lambda: alerts_of(room, "CANDIDATE_DISCONNECTED", "ended"), 20, "CANDIDATE_DISCONNECTED end")
+        await wait_until(lambda: alerts_of(room, "CANDIDATE_DISCONNECTED", "ended"), 60, "CANDIDATE_DISCONNECTED end")
         # Alice leaves for good: after the grace period her session ends, Bob's goes on.
         room.leave(a)
-        await wait_until(lambda: "two-a" not in agent.candidates, 20, "alice's session ended")
+        await wait_until(lambda: "two-a" not in agent.candidates, 60, "alice's session ended")
         assert (await session_state(server, "two-a"))["state"] == "ended"
         assert (await session_state(server, "two-b"))["state"] == "active" and agent.sessions.value == 1
         assert not [m for m in room.sent(ALERT_TOPIC) if json.loads(m.payload)["event_type"] == "MICROPHONE_OFF"]
@@ -376,7 +367,7 @@ async def test_analyzer_restart_loses_no_audio_and_no_session(tmp_path: Path, sp
         sent_before = st.counters.audio_bytes_sent
 
         await asyncio.to_thread(srv.stop)  # the agent's loop must keep running while uvicorn shuts down
-        await wait_until(lambda: not st.connected, 30, "disconnect")
+        await wait_until(lambda: not st.connected, 60, "disconnect")
         for f in speech[300:700]:  # 4 s while the analyzer is down: buffered
             mic.push_audio(f)
         await wait_until(lambda: c.counters.audio_bytes_in == 7 * BYTES_PER_S)
@@ -387,7 +378,7 @@ async def test_analyzer_restart_loses_no_audio_and_no_session(tmp_path: Path, sp
         await wait_until(lambda: st.connected and st.counters.connections >= 2, 60, "reconnect")
         for f in speech[700:900]:  # 2 s after the reconnect
             mic.push_audio(f)
-        await wait_until(lambda: st.counters.audio_bytes_sent == 9 * BYTES_PER_S, 30, "all audio handed over")
+        await wait_until(lambda: st.counters.audio_bytes_sent == 9 * BYTES_PER_S, 60, "all audio handed over")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             state = await session_state(srv2, sid)
@@ -503,7 +494,7 @@ async def test_worker_runs_each_room_as_a_job_offline(monkeypatch: pytest.Monkey
     try:
         await asyncio.wait_for(started.wait(), 30)
         await server.simulate_job("exam-room-sim", fake_job=True)
-        await wait_until(lambda: seen, 30, "the job's entrypoint")
+        await wait_until(lambda: seen, 60, "the job's entrypoint")
         assert seen[0][1] != threading.current_thread().name  # a job thread, not this loop
         assert [j.job.room.name for j in server.active_jobs] == ["exam-room-sim"]
     finally:
@@ -527,7 +518,7 @@ async def test_rejected_token_is_refreshed_and_the_session_resumes(tmp_path: Pat
         st = agent.candidates["token-1"].stream
         refreshes = st.counters.token_refreshes
         await asyncio.to_thread(srv.stop)
-        await wait_until(lambda: not st.connected, 30, "disconnect")
+        await wait_until(lambda: not st.connected, 60, "disconnect")
         srv2 = LiveServer(tmp_path, port=srv.port, stream_secret="b" * 32)
         await asyncio.to_thread(srv2.start)
         await wait_until(lambda: st.connected and st.counters.connections >= 2, 60, "reconnect")

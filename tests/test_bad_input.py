@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from analyzer.body_limit import BodyLimit, body_limit
 from proctor.contracts import wire
 from proctor.tokens import mint
-from tests.conftest import ADMIN_KEY, PROCTOR_KEY, LiveServer, StreamClient, black_jpeg, jpeg_of, stream_url
+from tests.conftest import ADMIN_KEY, PROCTOR_KEY, LiveServer, StreamClient, black_jpeg, close_of, jpeg_of, stream_url
 
 
 def test_rest_auth_and_roles(server: LiveServer) -> None:
@@ -155,40 +155,32 @@ async def test_body_limit_per_route_and_while_streaming() -> None:
     assert app.openapi()["paths"]["/upload"]["post"]["x-max-body-bytes"] == 1000
 
 
-async def _close_of(url: str) -> tuple[int, str]:
-    async with websockets.connect(url) as ws:
-        with pytest.raises(websockets.ConnectionClosed):
-            await asyncio.wait_for(ws.recv(), 10)
-        assert ws.close_code is not None and ws.close_reason is not None  # set once closed
-        return ws.close_code, ws.close_reason
-
-
 async def test_websocket_unknown_session_and_bad_tokens(server: LiveServer) -> None:
     cfg = server.start_session("tok-1")
     ws_base = cfg["stream_url"].rsplit("/api/", 1)[0]
     # A stream token opens its own session only; on any other id it learns nothing (tests/test_hostile.py).
-    code, reason = await _close_of(f"{ws_base}/api/v1/session/ghost/stream?token={cfg['stream_token']}")
+    code, reason = await close_of(f"{ws_base}/api/v1/session/ghost/stream?token={cfg['stream_token']}")
     assert code == 4401 and "another session" in reason
-    code, reason = await _close_of(cfg["stream_url"])
+    code, reason = await close_of(cfg["stream_url"])
     assert code == 4401 and "missing" in reason
-    code, reason = await _close_of(cfg["stream_url"] + "?token=garbage")
+    code, reason = await close_of(cfg["stream_url"] + "?token=garbage")
     assert code == 4401
     other = server.start_session("tok-2")
-    code, reason = await _close_of(cfg["stream_url"] + f"?token={other['stream_token']}")
+    code, reason = await close_of(cfg["stream_url"] + f"?token={other['stream_token']}")
     assert code == 4401 and "another session" in reason
     sitting = server.app.state.sessions.live["tok-1"].sitting
     expired, _ = mint(server.app.state.stream_secret, "tok-1", sitting, ttl_s=60, now=time.time() - 3600)
-    code, reason = await _close_of(cfg["stream_url"] + f"?token={expired}")
+    code, reason = await close_of(cfg["stream_url"] + f"?token={expired}")
     assert code == 4401 and "expired" in reason
-    code, _ = await _close_of(f"{ws_base}/ws/proctor/ghost/video?token={ADMIN_KEY}")
+    code, _ = await close_of(f"{ws_base}/ws/proctor/ghost/video?token={ADMIN_KEY}")
     assert code == 4404  # API keys belong to trusted backends: they are told unknown from ended
     # Anonymous clients cannot probe which sessions exist.
-    code, _ = await _close_of(f"{ws_base}/api/v1/session/ghost/stream")
+    code, _ = await close_of(f"{ws_base}/api/v1/session/ghost/stream")
     assert code == 4401
-    code, _ = await _close_of(f"{ws_base}/api/v1/session/ghost/stream?token=garbage")
+    code, _ = await close_of(f"{ws_base}/api/v1/session/ghost/stream?token=garbage")
     assert code == 4401
     # A read-only proctor key may watch alerts but not push media into a session.
-    code, reason = await _close_of(cfg["stream_url"] + f"?token={PROCTOR_KEY}")
+    code, reason = await close_of(cfg["stream_url"] + f"?token={PROCTOR_KEY}")
     assert code == 4401 and "proctor" in reason
     async with websockets.connect(cfg["legacy_endpoints"]["events"] + f"?token={PROCTOR_KEY}") as ws:
         with pytest.raises(TimeoutError):

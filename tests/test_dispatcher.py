@@ -6,8 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from dispatcher.transports.base import RetryPolicy
 from dispatcher.transports.redis_stream import RedisStreamTransport
 from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from proctor.db import DeadLetterRow, make_engine, make_sessionmaker
+from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer, free_port
 
 FAST = RetryPolicy(max_attempts=3, delays_s=(0.01, 0.02, 0.05), jitter=0.0)
@@ -30,13 +30,6 @@ def alert(i: int, session: str = "s1") -> Alert:
         exam_session_id=session, candidate_id="c", event_type=EventType.FACE_NOT_FOUND, severity_score=0.5,
         ai_model_source="test", evidence={"i": i}, metadata=AlertMetadata(node_id="n", worker_id="w"),
     )  # fmt: skip
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
@@ -55,15 +48,6 @@ async def out_stream(url: str, stream: str = "proctoring.alerts.v1") -> list[dic
         return [f for _, f in await r.xrange(stream)]
     finally:
         await r.aclose()
-
-
-async def wait_until(pred, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not reached in {timeout:g} s")
 
 
 async def test_sql_outbox_to_redis_in_order_and_resumes_after_restart(sm, redis_server: RedisServer) -> None:

@@ -3,7 +3,6 @@ unharmed, and it gets a clear error. One test per defect found by trying (issue 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -12,10 +11,9 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import websockets
 
 from proctor.contracts import wire
-from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, stream_url
+from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, close_of, stream_url
 
 
 def rss_mb() -> float:
@@ -196,20 +194,12 @@ async def test_a_jpeg_declaring_huge_dimensions_is_rejected_before_decoding(serv
 # 5. and 6. stream tokens -------------------------------------------------------------------------------------
 
 
-async def _close_of(url: str) -> tuple[int, str]:
-    async with websockets.connect(url) as ws:
-        with pytest.raises(websockets.ConnectionClosed):
-            await asyncio.wait_for(ws.recv(), 30)
-        assert ws.close_code is not None and ws.close_reason is not None  # set once closed
-        return ws.close_code, ws.close_reason
-
-
 async def test_a_token_from_an_earlier_sitting_does_not_open_a_later_one(server: LiveServer) -> None:
     first = server.start_session("sitting-1", candidate="alice")
     with server.http() as h:
         assert h.post("/api/v1/session/sitting-1/end").status_code == 200
     second = server.start_session("sitting-1", candidate="bob")  # the same id, another sitting
-    code, reason = await _close_of(stream_url({**second, "stream_token": first["stream_token"]}))
+    code, reason = await close_of(stream_url({**second, "stream_token": first["stream_token"]}))
     assert code == 4401 and "sitting" in reason
     async with StreamClient.connect(stream_url(second)) as c:  # bob's own token works
         await c.wait_for(lambda m: m["type"] == "hello")
@@ -223,7 +213,7 @@ async def test_a_token_used_on_another_session_id_learns_nothing_about_it(server
         assert h.post("/api/v1/session/probe-ended/end").status_code == 200
     base = mine["stream_url"].rsplit("/api/", 1)[0]
     answers = {
-        sid: await _close_of(f"{base}/api/v1/session/{sid}/stream?token={mine['stream_token']}")
+        sid: await close_of(f"{base}/api/v1/session/{sid}/stream?token={mine['stream_token']}")
         for sid in ("probe-active", "probe-ended", "probe-ghost")
     }
     assert len(set(answers.values())) == 1, answers

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from dispatcher.consumers.webhook import build_app
 from proctor import observability
-from tests.conftest import REPO, LiveServer, StreamClient, black_jpeg, stream_url
+from tests.conftest import REPO, LiveServer, StreamClient, black_jpeg, eventually, stream_url
 from tests.test_transport_webhook import NEW, Served
 
 
@@ -128,16 +128,6 @@ def _by_name(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
 
 
-async def _until(pred: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:  # noqa: ASYNC109
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_a_frame_alert_is_one_trace_from_frame_to_webhook(
     tmp_path: Path, spans: InMemorySpanExporter, logs: Logs
 ) -> None:
@@ -165,7 +155,7 @@ async def test_a_frame_alert_is_one_trace_from_frame_to_webhook(
                     await asyncio.sleep(0.05)
                 alert = face_not_found()
             assert alert is not None
-            await _until(lambda: _by_name(spans.get_finished_spans(), "dispatch webhook"), "the webhook span")
+            await eventually(lambda: _by_name(spans.get_finished_spans(), "dispatch webhook"), what="the webhook span")
         finally:
             srv.stop()
         assert receiver.stats()["unique"] >= 1
@@ -274,7 +264,9 @@ def test_serve_logs_json_and_flushes_its_spans_on_sigterm(tmp_path: Path) -> Non
     async def one_frame(cfg: dict[str, Any]) -> None:
         async with websockets.connect(stream_url(cfg)) as ws:
             await ws.send(wire.encode_video(1, time.time(), black_jpeg()))
-            await _until(lambda: c.get("/api/v1/session/cli-1").json()["counters"]["frames_analysed"], "a frame")
+            await eventually(
+                lambda: c.get("/api/v1/session/cli-1").json()["counters"]["frames_analysed"], what="a frame"
+            )
 
     try:
         deadline = time.time() + 120

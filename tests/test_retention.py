@@ -31,6 +31,7 @@ from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow, make_engine, make_sessionmaker
 from proctor.settings import Settings
 from tests.conftest import LiveServer
+from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer, free_port, wait_port
 
 DAY = 86400.0
@@ -64,28 +65,12 @@ def age_rows(sm, seconds: float, *where) -> None:  # type: ignore[no-untyped-def
         db.execute(update(OutboxRow).where(*where).values(created_at=OutboxRow.created_at - seconds))
 
 
-async def wait_until(pred, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 @pytest.fixture(autouse=True)
 def loose_umask() -> Iterator[None]:
     """The usual umask 022: without the fix, files would come out 0644 and directories 0755."""
     old = os.umask(0o022)
     yield
     os.umask(old)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
