@@ -9,7 +9,7 @@ COPY dispatcher ./dispatcher
 COPY agent ./agent
 COPY models ./models
 COPY proto ./proto
-RUN pip install --no-cache-dir -e '.[postgres]' && python -m proctor.protogen
+RUN pip install --no-cache-dir -e '.[postgres]' && python -m livekit_proctor.protogen
 ENV PROCTOR_HOST=0.0.0.0 PROCTOR_PORT=8080 PROCTOR_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8080

@@ -37,8 +37,8 @@ import httpx
 import websockets
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from proctor.contracts import wire
-from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode
+from livekit_proctor.contracts import wire
+from livekit_proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode
 
 try:  # websockets >= 13
     from websockets.asyncio.client import connect as _ws_connect

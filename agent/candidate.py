@@ -26,10 +26,10 @@ from typing import Any
 import httpx
 from livekit import rtc
 
-from agent.analyzer_client import AnalyzerClient, AnalyzerError, SessionStream
-from agent.config import AgentSettings
-from agent.load import ACTIVE_SESSIONS, SessionCount
-from agent.media import (
+from livekit_proctor.agent.analyzer_client import AnalyzerClient, AnalyzerError, SessionStream
+from livekit_proctor.agent.config import AgentSettings
+from livekit_proctor.agent.load import ACTIVE_SESSIONS, SessionCount
+from livekit_proctor.agent.media import (
     AudioChunker,
     AudioClock,
     CaptureClock,
@@ -41,9 +41,9 @@ from agent.media import (
     close_stream,
     frame_to_jpeg,
 )
-from agent.participants import CandidateInfo
-from agent.publisher import RoomPublisher
-from proctor.contracts.wire import ControlEvent
+from livekit_proctor.agent.participants import CandidateInfo
+from livekit_proctor.agent.publisher import RoomPublisher
+from livekit_proctor.contracts.wire import ControlEvent
 
 log = logging.getLogger(__name__)
 

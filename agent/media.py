@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from livekit import rtc
 
-from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH
+from livekit_proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH
 
 CHUNK_SAMPLES = 1600  # 100 ms at 16 kHz
 CHUNK_BYTES = CHUNK_SAMPLES * AUDIO_SAMPLE_WIDTH

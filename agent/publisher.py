@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.transports.livekit_room import ALERT_TOPIC, FEEDBACK_TOPIC, fit_packet
+from livekit_proctor.dispatcher.transports.livekit_room import ALERT_TOPIC, FEEDBACK_TOPIC, fit_packet
 
 log = logging.getLogger(__name__)
 

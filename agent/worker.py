@@ -19,9 +19,9 @@ import logging
 import sys
 from typing import Any
 
-from agent.config import AgentSettings
-from agent.load import AnalyzerLoad
-from proctor import observability
+from livekit_proctor import observability
+from livekit_proctor.agent.config import AgentSettings
+from livekit_proctor.agent.load import AnalyzerLoad
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ async def entrypoint(ctx: Any, settings: AgentSettings | None = None) -> None:
     """One job = one room: connect without auto-subscribing (only candidates' tracks are wanted)."""
     from livekit.agents import AutoSubscribe
 
-    from agent.room import RoomProctor
+    from livekit_proctor.agent.room import RoomProctor
 
     await ctx.connect(auto_subscribe=AutoSubscribe.SUBSCRIBE_NONE)
     proctor = RoomProctor(ctx.room, settings or AgentSettings())

@@ -19,19 +19,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from analyzer.api import ops, sessions
-from analyzer.api.errors import ERROR_MODELS
-from analyzer.auth import KeyStore
-from analyzer.body_limit import BodyLimit
-from analyzer.metrics import Metrics
-from analyzer.pipeline import InferencePool, ModelSet
-from analyzer.sessions import SessionManager
-from analyzer.stream import router as stream_router
-from dispatcher.outbox import SqlOutbox
-from proctor import __version__
-from proctor.datadir import prepare_data_dir
-from proctor.db import make_engine, make_sessionmaker
-from proctor.settings import Settings
+from livekit_proctor import __version__
+from livekit_proctor.analyzer.api import ops, sessions
+from livekit_proctor.analyzer.api.errors import ERROR_MODELS
+from livekit_proctor.analyzer.auth import KeyStore
+from livekit_proctor.analyzer.body_limit import BodyLimit
+from livekit_proctor.analyzer.metrics import Metrics
+from livekit_proctor.analyzer.pipeline import InferencePool, ModelSet
+from livekit_proctor.analyzer.sessions import SessionManager
+from livekit_proctor.analyzer.stream import router as stream_router
+from livekit_proctor.datadir import prepare_data_dir
+from livekit_proctor.db import make_engine, make_sessionmaker
+from livekit_proctor.dispatcher.outbox import SqlOutbox
+from livekit_proctor.settings import Settings
 
 log = logging.getLogger("proctor")
 _REF = "#/components/schemas/{model}"
@@ -103,8 +103,8 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
         st.models = models or await asyncio.to_thread(ModelSet.from_settings, settings)
         st.pool = pool = InferencePool(settings.inference_workers, metrics)
         if settings.outbox == "redis":
-            from dispatcher.outbox import RedisOutbox
-            from dispatcher.service import redis_client
+            from livekit_proctor.dispatcher.outbox import RedisOutbox
+            from livekit_proctor.dispatcher.service import redis_client
 
             st.sink = RedisOutbox(redis_client(settings), settings.outbox_stream, settings.resolved_outbox_jsonl(), sm)
         else:
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, models: ModelSet | None = None)
         hk = asyncio.create_task(mgr.housekeeping())
         st.dispatcher = None
         if settings.dispatcher_embedded:
-            from dispatcher.service import build_dispatcher
+            from livekit_proctor.dispatcher.service import build_dispatcher
 
             st.dispatcher = build_dispatcher(settings, sm)
             await st.dispatcher.start()

@@ -17,7 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from proctor.db import ApiKey
+from livekit_proctor.db import ApiKey
 
 ROLES = ("system", "proctor", "admin")
 # Which roles may do what.

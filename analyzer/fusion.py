@@ -13,9 +13,9 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from analyzer.detectors.base import Detection, Gaze, HeadPose
-from analyzer.signals import FrameSignals
-from proctor.contracts.api import EffectivePolicy
+from livekit_proctor.analyzer.detectors.base import Detection, Gaze, HeadPose
+from livekit_proctor.analyzer.signals import FrameSignals
+from livekit_proctor.contracts.api import EffectivePolicy
 
 PHONE_LABELS = frozenset({"cell phone"})
 OBJECT_LABELS = frozenset({"person", "cell phone", "book", "laptop"})
@@ -198,7 +198,7 @@ class PresenceFusion:
             if s.pose is None:
                 self._pose_state = (False, False, None)
             else:
-                from analyzer.detectors.pose import hand_near_ear, shoulders_visible
+                from livekit_proctor.analyzer.detectors.pose import hand_near_ear, shoulders_visible
 
                 near, ratio = hand_near_ear(s.pose, self.t.hand_ear_ratio)
                 self._pose_state = (shoulders_visible(s.pose), near, ratio)

@@ -14,13 +14,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from analyzer.fusion import PresenceFusion
-from analyzer.pipeline import ModelClock, ModelSet, Sampler
-from analyzer.rules.engine import RuleEngine, RuleEvent
-from analyzer.rules.limits import IncidentLimiter
-from analyzer.rules.policy import effective_policy
-from proctor.contracts.alerts import Alert, AlertMetadata, IncidentState, ts_to_iso
-from proctor.contracts.api import SessionStartRequest
+from livekit_proctor.analyzer.fusion import PresenceFusion
+from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet, Sampler
+from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
+from livekit_proctor.analyzer.rules.limits import IncidentLimiter
+from livekit_proctor.analyzer.rules.policy import effective_policy
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, IncidentState, ts_to_iso
+from livekit_proctor.contracts.api import SessionStartRequest
 
 
 def load_image_rgb(path: Path) -> np.ndarray:

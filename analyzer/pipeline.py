@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
-from analyzer.detectors.base import (
+from livekit_proctor import observability
+from livekit_proctor.analyzer.detectors.base import (
     BodyPose,
     Detection,
     FaceDetector,
@@ -29,9 +30,8 @@ from analyzer.detectors.base import (
     ObjectDetector,
     PoseEstimator,
 )
-from analyzer.metrics import Metrics
-from analyzer.signals import FrameSignals
-from proctor import observability
+from livekit_proctor.analyzer.metrics import Metrics
+from livekit_proctor.analyzer.signals import FrameSignals
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,7 +126,7 @@ class ModelSet:
         rates: ModelRates | None = None,
         segmentation: bool = True,
     ) -> ModelSet:
-        from analyzer.detectors.blazeface import BlazeFaceDetector
+        from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector
 
         face = BlazeFaceDetector(variant=variant, score_threshold=score_threshold)
         mesh_b = _optional("face mesh", _load_mesh) if mesh else None
@@ -237,25 +237,25 @@ def _optional(what: str, load: Callable[[], T]) -> T | None:
 
 
 def _load_mesh() -> FaceMeshEstimator:
-    from analyzer.detectors.facemesh import MediapipeFaceMesh
+    from livekit_proctor.analyzer.detectors.facemesh import MediapipeFaceMesh
 
     return MediapipeFaceMesh()
 
 
 def _load_objects(spec: str) -> ObjectDetector:
-    from analyzer.detectors.objects import load_object_detector
+    from livekit_proctor.analyzer.detectors.objects import load_object_detector
 
     return load_object_detector(spec)
 
 
 def _load_segmenter() -> Any:
-    from analyzer.detectors.segmentation import SelfieSegmenter
+    from livekit_proctor.analyzer.detectors.segmentation import SelfieSegmenter
 
     return SelfieSegmenter()
 
 
 def _load_pose() -> PoseEstimator:
-    from analyzer.detectors.pose import MediapipePose
+    from livekit_proctor.analyzer.detectors.pose import MediapipePose
 
     return MediapipePose()
 

@@ -25,20 +25,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
-from analyzer.evidence import FeedbackLimiter, thumbnail_b64
-from analyzer.metrics import Metrics
-from analyzer.pipeline import FrameDecodeError, InferencePool, ModelClock, ModelSet, Sampler
-from analyzer.rules.engine import RuleEngine, RuleEvent
-from analyzer.rules.limits import IncidentLimiter
-from analyzer.rules.policy import effective_policy
-from dispatcher import retention
-from dispatcher.outbox import AlertSink
-from proctor import observability
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, room_keys, ts_to_iso
-from proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
-from proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode, ControlEvent, MediaMessage
-from proctor.db import AuditRow, SessionRow, utcnow
-from proctor.observability import session_context
+from livekit_proctor import observability
+from livekit_proctor.analyzer.evidence import FeedbackLimiter, thumbnail_b64
+from livekit_proctor.analyzer.metrics import Metrics
+from livekit_proctor.analyzer.pipeline import FrameDecodeError, InferencePool, ModelClock, ModelSet, Sampler
+from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
+from livekit_proctor.analyzer.rules.limits import IncidentLimiter
+from livekit_proctor.analyzer.rules.policy import effective_policy
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, room_keys, ts_to_iso
+from livekit_proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
+from livekit_proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode, ControlEvent, MediaMessage
+from livekit_proctor.db import AuditRow, SessionRow, utcnow
+from livekit_proctor.dispatcher import retention
+from livekit_proctor.dispatcher.outbox import AlertSink
+from livekit_proctor.observability import session_context
 
 log = logging.getLogger(__name__)
 

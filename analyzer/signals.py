@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from analyzer.detectors.base import BodyPose, Detection, Face, FaceMesh
+from livekit_proctor.analyzer.detectors.base import BodyPose, Detection, Face, FaceMesh
 
 
 @dataclass(slots=True)

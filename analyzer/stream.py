@@ -16,11 +16,11 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
-from analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS
-from analyzer.jpeg import JpegHeaderError, jpeg_size
-from analyzer.sessions import LiveSession, SessionClosed, SessionNotFound, Subscriber
-from proctor import observability
-from proctor.contracts.wire import (
+from livekit_proctor import observability
+from livekit_proctor.analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS
+from livekit_proctor.analyzer.jpeg import JpegHeaderError, jpeg_size
+from livekit_proctor.analyzer.sessions import LiveSession, SessionClosed, SessionNotFound, Subscriber
+from livekit_proctor.contracts.wire import (
     AUDIO_SAMPLE_RATE,
     AUDIO_SAMPLE_WIDTH,
     PROTOCOL_VERSION,
@@ -34,7 +34,7 @@ from proctor.contracts.wire import (
     decode_media,
     parse_text,
 )
-from proctor.tokens import StreamClaims, TokenError, verify
+from livekit_proctor.tokens import StreamClaims, TokenError, verify
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -23,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analyzer.detectors.blazeface import BlazeFaceDetector  # noqa: E402
+from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector  # noqa: E402
 
 CONFIGS: list[tuple[str, float]] = [
     ("full", 0.3),

@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dispatcher.transports.base import Envelope  # noqa: E402
-from dispatcher.transports.grpc import GrpcTransport  # noqa: E402
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState  # noqa: E402
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState  # noqa: E402
+from livekit_proctor.dispatcher.transports.base import Envelope  # noqa: E402
+from livekit_proctor.dispatcher.transports.grpc import GrpcTransport  # noqa: E402
 
 WARMUP = 10
 
@@ -58,7 +58,7 @@ def envelopes(first_seq: int, n: int) -> list[Envelope]:
 
 
 async def start_consumer(record: Path | None) -> tuple[asyncio.subprocess.Process, int]:
-    args = [sys.executable, "-m", "dispatcher.consumers.grpc_server", "--port", "0", "--quiet"]
+    args = [sys.executable, "-m", "livekit_proctor.dispatcher.consumers.grpc_server", "--port", "0", "--quiet"]
     if record is not None:
         args += ["--record", str(record)]
     proc = await asyncio.create_subprocess_exec(*args, cwd=REPO, stderr=asyncio.subprocess.PIPE)

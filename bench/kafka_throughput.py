@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/...` from the repository root
 
-from dispatcher.transports.base import Envelope
-from dispatcher.transports.kafka import KafkaTransport
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.dispatcher.transports.base import Envelope
+from livekit_proctor.dispatcher.transports.kafka import KafkaTransport
 from tests.kafka_broker import TansuBroker
 
 SESSIONS = ("exam-a", "exam-b", "exam-c")

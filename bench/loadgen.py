@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from proctor.contracts.wire import AUDIO_SAMPLE_RATE, encode_audio, encode_video  # noqa: E402
+from livekit_proctor.contracts.wire import AUDIO_SAMPLE_RATE, encode_audio, encode_video  # noqa: E402
 
 DEFAULT_VIDEO = REPO.parent / "shared" / "data" / "video" / "proctoring_ai__center_focus.mp4"
 DEFAULT_AUDIO = (
@@ -182,7 +182,7 @@ def proc_rss_kib(pid: int) -> tuple[int | None, int | None]:
 
 
 class Server:
-    """`python -m proctor.cli serve` in a subprocess with a throwaway data dir."""
+    """`python -m livekit_proctor.cli serve` in a subprocess with a throwaway data dir."""
 
     def __init__(self, log_path: Path, data_dir: Path) -> None:
         self.port = free_port()
@@ -199,7 +199,7 @@ class Server:
         env.pop("PROCTOR_PUBLIC_URL", None)  # stream_url must point at this server
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proctor.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "livekit_proctor.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=data_dir,  # keep a stray .env in the caller's directory out of the benchmark
             env=env,
             stdout=self._log,

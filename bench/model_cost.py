@@ -19,7 +19,7 @@ import cv2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from analyzer.pipeline import ModelSet, decode_jpeg  # noqa: E402
+from livekit_proctor.analyzer.pipeline import ModelSet, decode_jpeg  # noqa: E402
 
 
 def _reencoded(path: Path) -> bytes:

@@ -27,10 +27,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dispatcher.transports.base import Envelope  # noqa: E402
-from dispatcher.transports.webhook import WebhookTransport  # noqa: E402
-from dispatcher.webhook_signing import generate_secret  # noqa: E402
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState  # noqa: E402
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState  # noqa: E402
+from livekit_proctor.dispatcher.transports.base import Envelope  # noqa: E402
+from livekit_proctor.dispatcher.transports.webhook import WebhookTransport  # noqa: E402
+from livekit_proctor.dispatcher.webhook_signing import generate_secret  # noqa: E402
 
 
 def _free_port() -> int:
@@ -96,7 +96,7 @@ def main() -> int:
 
     secret, port = generate_secret(), _free_port()
     env = {**os.environ, "PROCTOR_WEBHOOK_SECRETS": secret, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dispatcher.consumers.webhook", "--port", str(port), "--quiet"]
+    cmd = [sys.executable, "-m", "livekit_proctor.dispatcher.consumers.webhook", "--port", str(port), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -19,11 +19,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from dispatcher.metrics import DispatchMetrics
-from dispatcher.source import OutboxSource
-from dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, Transport
-from proctor import observability
-from proctor.db import DeadLetterRow
+from livekit_proctor import observability
+from livekit_proctor.db import DeadLetterRow
+from livekit_proctor.dispatcher.metrics import DispatchMetrics
+from livekit_proctor.dispatcher.source import OutboxSource
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, Transport
 
 log = logging.getLogger(__name__)
 

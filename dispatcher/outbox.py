@@ -17,9 +17,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
-from dispatcher import jsonl
-from proctor.contracts.alerts import Alert
-from proctor.db import OutboxRow
+from livekit_proctor.contracts.alerts import Alert
+from livekit_proctor.db import OutboxRow
+from livekit_proctor.dispatcher import jsonl
 
 # Work to commit together with appended alerts (the session's rule state: the transactional outbox).
 AlsoWrite = Callable[[OrmSession], None]

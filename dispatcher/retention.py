@@ -22,11 +22,11 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import sessionmaker
 
-from dispatcher import jsonl
-from dispatcher.service import lane_names
-from dispatcher.source import GROUP_PREFIX
-from proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow
-from proctor.settings import Settings
+from livekit_proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow
+from livekit_proctor.dispatcher import jsonl
+from livekit_proctor.dispatcher.service import lane_names
+from livekit_proctor.dispatcher.source import GROUP_PREFIX
+from livekit_proctor.settings import Settings
 
 log = logging.getLogger("proctor.retention")
 

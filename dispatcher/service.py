@@ -13,13 +13,13 @@ from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 
-from dispatcher.engine import Dispatcher, FallbackChain
-from dispatcher.metrics import DispatchMetrics
-from dispatcher.source import OutboxSource, RedisSource, SqlSource
-from dispatcher.transports.base import RetryPolicy, Transport
-from proctor.datadir import prepare_data_dir
-from proctor.db import make_engine, make_sessionmaker
-from proctor.settings import Settings
+from livekit_proctor.datadir import prepare_data_dir
+from livekit_proctor.db import make_engine, make_sessionmaker
+from livekit_proctor.dispatcher.engine import Dispatcher, FallbackChain
+from livekit_proctor.dispatcher.metrics import DispatchMetrics
+from livekit_proctor.dispatcher.source import OutboxSource, RedisSource, SqlSource
+from livekit_proctor.dispatcher.transports.base import RetryPolicy, Transport
+from livekit_proctor.settings import Settings
 
 log = logging.getLogger("proctor.dispatcher")
 
@@ -28,21 +28,21 @@ def build_transports(s: Settings) -> list[Transport]:
     retry = RetryPolicy(max_attempts=s.dispatch_max_attempts)
     out: dict[str, Transport] = {}
     if s.grpc_target:
-        from dispatcher.transports.grpc import GrpcTransport
+        from livekit_proctor.dispatcher.transports.grpc import GrpcTransport
 
         out["grpc"] = GrpcTransport(
             s.grpc_target, tls=s.grpc_tls, ca_file=s.grpc_ca_file, cert_file=s.grpc_cert_file,
             key_file=s.grpc_key_file, client_id=dispatcher_id(s), retry=retry,
         )  # fmt: skip
     if s.kafka_bootstrap:
-        from dispatcher.transports.kafka import KafkaTransport
+        from livekit_proctor.dispatcher.transports.kafka import KafkaTransport
 
         idem: bool | str = {"true": True, "false": False}.get(s.kafka_idempotence.lower(), "auto")
         out["kafka"] = KafkaTransport(
             s.kafka_bootstrap, topic=s.kafka_topic, dlq_topic=s.kafka_dlq_topic, idempotence=idem, retry=retry
         )
     if s.webhook_url:
-        from dispatcher.transports.webhook import WebhookTransport
+        from livekit_proctor.dispatcher.transports.webhook import WebhookTransport
 
         secrets = [x.strip() for x in s.webhook_secrets.split(",") if x.strip()]
         if not secrets:
@@ -51,13 +51,13 @@ def build_transports(s: Settings) -> list[Transport]:
             s.webhook_url, secrets, timeout_s=s.webhook_timeout_s, retry=retry, concurrency=s.webhook_concurrency
         )
     if s.redis_publish_stream:
-        from dispatcher.transports.redis_stream import RedisStreamTransport
+        from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransport
 
         out["redis"] = RedisStreamTransport(s.redis_url, s.redis_publish_stream, retry=retry)
     if s.room_transport:
         if not (s.livekit_url and s.livekit_api_key and s.livekit_api_secret):
             raise ValueError("PROCTOR_ROOM_TRANSPORT needs PROCTOR_LIVEKIT_URL, _API_KEY and _API_SECRET")
-        from dispatcher.transports.livekit_room import LiveKitRoomTransport
+        from livekit_proctor.dispatcher.transports.livekit_room import LiveKitRoomTransport
 
         out["livekit"] = LiveKitRoomTransport(s.livekit_url, s.livekit_api_key, s.livekit_api_secret, retry=retry)
     order = [n.strip() for n in s.dispatch_order.split(",")]

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from dispatcher.transports.base import Envelope
-from proctor.db import CursorRow, LeaseRow, OutboxRow
+from livekit_proctor.db import CursorRow, LeaseRow, OutboxRow
+from livekit_proctor.dispatcher.transports.base import Envelope
 
 # A seq gap younger than this may be a transaction that has not committed yet (PostgreSQL sequences
 # are handed out before commit): wait for it rather than skip it.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from proctor.contracts.alerts import alert_json_schema
+from livekit_proctor.contracts.alerts import alert_json_schema
 
 OUT = Path(__file__).resolve().parent / "alert.schema.json"
 

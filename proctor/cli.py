@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _observe(fmt: str, level: str, service: str) -> int:
     """Logs in the configured format and, when the OTEL_* variables ask for it, traces; 2 on a bad setting."""
-    from proctor import observability
+    from livekit_proctor import observability
 
     observability.configure_logging(fmt, level)
     try:
@@ -24,8 +24,8 @@ def _observe(fmt: str, level: str, service: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from analyzer.app import create_app
-    from proctor.settings import Settings
+    from livekit_proctor.analyzer.app import create_app
+    from livekit_proctor.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
@@ -48,15 +48,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _load_models():
-    from analyzer.pipeline import ModelSet
-    from proctor.settings import Settings
+    from livekit_proctor.analyzer.pipeline import ModelSet
+    from livekit_proctor.settings import Settings
 
     s = Settings()
     return ModelSet.from_settings(s)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from analyzer.offline import inspect_image
+    from livekit_proctor.analyzer.offline import inspect_image
 
     models = _load_models()
     results = []
@@ -80,12 +80,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from analyzer.offline import analyze_video
+    from livekit_proctor.analyzer.offline import analyze_video
 
     models = _load_models()
     try:
-        from analyzer.rules.limits import IncidentLimiter
-        from proctor.settings import Settings
+        from livekit_proctor.analyzer.rules.limits import IncidentLimiter
+        from livekit_proctor.settings import Settings
 
         s = Settings()
         alerts, summary = analyze_video(
@@ -119,10 +119,10 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from analyzer.auth import KeyStore
-    from proctor.datadir import prepare_data_dir
-    from proctor.db import make_engine, make_sessionmaker
-    from proctor.settings import Settings
+    from livekit_proctor.analyzer.auth import KeyStore
+    from livekit_proctor.datadir import prepare_data_dir
+    from livekit_proctor.db import make_engine, make_sessionmaker
+    from livekit_proctor.settings import Settings
 
     s = Settings()
     prepare_data_dir(s)
@@ -134,8 +134,8 @@ def _keys(args: argparse.Namespace) -> int:
 def _dispatcher(_: argparse.Namespace) -> int:
     import asyncio
 
-    from dispatcher.service import run_standalone
-    from proctor.settings import Settings
+    from livekit_proctor.dispatcher.service import run_standalone
+    from livekit_proctor.settings import Settings
 
     s = Settings()
     if rc := _observe(s.log_format, s.log_level, "proctor-dispatcher"):
@@ -149,8 +149,8 @@ def _dlq(args: argparse.Namespace) -> int:
 
     from sqlalchemy import select
 
-    from proctor.db import DeadLetterRow, make_engine, make_sessionmaker
-    from proctor.settings import Settings
+    from livekit_proctor.db import DeadLetterRow, make_engine, make_sessionmaker
+    from livekit_proctor.settings import Settings
 
     s = Settings()
     sm = make_sessionmaker(make_engine(s.resolved_database_url()))
@@ -183,9 +183,9 @@ def _dlq(args: argparse.Namespace) -> int:
 
 def _purge(args: argparse.Namespace) -> int:
     """Applies the retention settings once (cron): one line of what it removed; exit 1 with one line on failure."""
-    from dispatcher.retention import purge
-    from proctor.db import make_engine, make_sessionmaker, sqlite_path
-    from proctor.settings import Settings
+    from livekit_proctor.db import make_engine, make_sessionmaker, sqlite_path
+    from livekit_proctor.dispatcher.retention import purge
+    from livekit_proctor.settings import Settings
 
     try:
         s = Settings()
@@ -208,8 +208,8 @@ def _purge(args: argparse.Namespace) -> int:
 def _consume(args: argparse.Namespace) -> int:
     import importlib
 
-    module = {"grpc": "dispatcher.consumers.grpc_server", "kafka": "dispatcher.consumers.kafka",
-              "webhook": "dispatcher.consumers.webhook"}[args.kind]  # fmt: skip
+    name = {"grpc": "grpc_server", "kafka": "kafka", "webhook": "webhook"}[args.kind]
+    module = f"livekit_proctor.dispatcher.consumers.{name}"
     return int(importlib.import_module(module).main(args.rest) or 0)
 
 
@@ -217,7 +217,7 @@ def _token(args: argparse.Namespace) -> int:
     """A LiveKit room token with the attributes the proctoring agent reads (docs/livekit.md)."""
     from livekit import api
 
-    from proctor.settings import Settings
+    from livekit_proctor.settings import Settings
 
     s = Settings()
     key, secret = args.api_key or s.livekit_api_key, args.api_secret or s.livekit_api_secret
@@ -250,13 +250,13 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from agent.worker import main as agent_main
+    from livekit_proctor.agent.worker import main as agent_main
 
     return int(agent_main(args.rest) or 0)
 
 
 def _config(_: argparse.Namespace) -> int:
-    from proctor.settings import Settings, redact_url
+    from livekit_proctor.settings import Settings, redact_url
 
     s = Settings()
     d = s.redacted()  # secrets masked (settings marked SECRET, secret-looking names, passwords in URLs)

@@ -12,8 +12,8 @@ import os
 import stat
 from pathlib import Path
 
-from proctor.db import sqlite_path
-from proctor.settings import Settings
+from livekit_proctor.db import sqlite_path
+from livekit_proctor.settings import Settings
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600

@@ -34,8 +34,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import Attributes
 from structlog.typing import EventDict
 
-from proctor import __version__
-from proctor.contracts.alerts import Alert
+from livekit_proctor import __version__
+from livekit_proctor.contracts.alerts import Alert
 
 LOG_FORMATS = ("json", "text")
 _HANDLER_MARK = "_proctor_handler"

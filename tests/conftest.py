@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 import websockets
 
-from proctor.contracts import wire
+from livekit_proctor.contracts import wire
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY, SYSTEM_KEY, PROCTOR_KEY = "test-admin-key", "test-system-key", "test-proctor-key"
@@ -113,8 +113,8 @@ class LiveServer:
     """A real analyzer (uvicorn + the app) on a loopback port, in a background thread."""
 
     def __init__(self, tmp: Path, port: int | None = None, **overrides: Any) -> None:
-        from analyzer.app import create_app
-        from proctor.settings import Settings
+        from livekit_proctor.analyzer.app import create_app
+        from livekit_proctor.settings import Settings
 
         self.port = port or _free_port()
         self.settings = Settings(

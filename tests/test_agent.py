@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from livekit import rtc
 
-from agent.config import AgentSettings
-from agent.load import AnalyzerLoad, SessionCount, analyzer_ready, compute_load
-from agent.media import (
+from livekit_proctor.agent.config import AgentSettings
+from livekit_proctor.agent.load import AnalyzerLoad, SessionCount, analyzer_ready, compute_load
+from livekit_proctor.agent.media import (
     CHUNK_BYTES,
     AudioChunker,
     CaptureClock,
@@ -31,9 +31,9 @@ from agent.media import (
     frame_to_jpeg,
     frame_to_rgb,
 )
-from agent.participants import Role, candidate_info, role_of
-from agent.room import RoomProctor
-from dispatcher.transports.livekit_room import ALERT_TOPIC, FEEDBACK_TOPIC, MAX_RELIABLE_PACKET
+from livekit_proctor.agent.participants import Role, candidate_info, role_of
+from livekit_proctor.agent.room import RoomProctor
+from livekit_proctor.dispatcher.transports.livekit_room import ALERT_TOPIC, FEEDBACK_TOPIC, MAX_RELIABLE_PACKET
 from tests.conftest import SYSTEM_KEY, LiveServer, _free_port, load_rgb
 from tests.conftest import eventually as wait_until
 from tests.fake_room import FakeRoom, FakeStreams, FakeTrack, Published
@@ -443,7 +443,7 @@ async def test_load_reflects_sessions_and_analyzer_readiness(server: LiveServer)
 
 
 def test_worker_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent import worker
+    from livekit_proctor.agent import worker
 
     for var in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", "PROCTOR_LIVEKIT_URL",
                 "PROCTOR_LIVEKIT_API_KEY", "PROCTOR_LIVEKIT_API_SECRET"):  # fmt: skip
@@ -463,7 +463,7 @@ async def test_worker_runs_each_room_as_a_job_offline(monkeypatch: pytest.Monkey
     (no media); this checks the wiring (entrypoint, job thread, shutdown callback), not the media path."""
     import threading
 
-    from agent import worker
+    from livekit_proctor.agent import worker
 
     seen: list[tuple[str, str]] = []
     closed = threading.Event()

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.metrics import Metrics
-from analyzer.pipeline import InferencePool, ModelSet
-from analyzer.sessions import SessionManager
-from dispatcher.outbox import SqlOutbox
-from proctor.contracts import wire
-from proctor.contracts.api import SessionStartRequest
-from proctor.db import make_engine, make_sessionmaker
-from proctor.settings import Settings
+from livekit_proctor.analyzer.metrics import Metrics
+from livekit_proctor.analyzer.pipeline import InferencePool, ModelSet
+from livekit_proctor.analyzer.sessions import SessionManager
+from livekit_proctor.contracts import wire
+from livekit_proctor.contracts.api import SessionStartRequest
+from livekit_proctor.db import make_engine, make_sessionmaker
+from livekit_proctor.dispatcher.outbox import SqlOutbox
+from livekit_proctor.settings import Settings
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import pytest
 import websockets
 from fastapi import FastAPI, Request
 
-from analyzer.body_limit import BodyLimit, body_limit
-from proctor.contracts import wire
-from proctor.tokens import mint
+from livekit_proctor.analyzer.body_limit import BodyLimit, body_limit
+from livekit_proctor.contracts import wire
+from livekit_proctor.tokens import mint
 from tests.conftest import ADMIN_KEY, PROCTOR_KEY, LiveServer, StreamClient, black_jpeg, close_of, jpeg_of, stream_url
 
 

@@ -11,8 +11,8 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("ai_edge_litert")
 
-from analyzer.detectors.base import Face  # noqa: E402
-from analyzer.detectors.blazeface import BlazeFaceDetector, model_file, ssd_anchors  # noqa: E402
+from livekit_proctor.analyzer.detectors.base import Face  # noqa: E402
+from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector, model_file, ssd_anchors  # noqa: E402
 from tests.conftest import load_rgb, oep_frames, shared_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

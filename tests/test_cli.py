@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from proctor.contracts.alerts import Alert
+from livekit_proctor.contracts.alerts import Alert
 
 
 def proctor(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proctor.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+        [sys.executable, "-m", "livekit_proctor.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
     )
 
 
@@ -96,7 +96,7 @@ def test_config_masks_every_secret(tmp_path: Path) -> None:
     import os
     import re
 
-    from proctor.settings import SECRET, Settings
+    from livekit_proctor.settings import SECRET, Settings
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCTOR_")}
     secret_names = [  # text settings marked secret or named like one (key file paths are not secrets)
@@ -116,7 +116,7 @@ def test_config_masks_every_secret(tmp_path: Path) -> None:
         "PROCTOR_WEBHOOK_URL": "https://hooks:sentinelhook@exam.example/hook?token=sentinelquery",
     }
     r = subprocess.run(
-        [sys.executable, "-m", "proctor.cli", "config"],
+        [sys.executable, "-m", "livekit_proctor.cli", "config"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -143,7 +143,7 @@ def test_serve_first_start_prints_a_working_admin_key(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCTOR_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proctor.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "livekit_proctor.cli", "serve", "--port", str(port)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -174,7 +174,7 @@ def test_token_carries_the_attributes_the_agent_reads(tmp_path: Path) -> None:
     from livekit import api
 
     env = {**os.environ, "PROCTOR_LIVEKIT_API_KEY": "devkey", "PROCTOR_LIVEKIT_API_SECRET": "s" * 32}
-    r = subprocess.run([sys.executable, "-m", "proctor.cli", "token", "--room", "exam-7", "--identity", "alice",
+    r = subprocess.run([sys.executable, "-m", "livekit_proctor.cli", "token", "--room", "exam-7", "--identity", "alice",
                         "--role", "candidate", "--exam-id", "math-101", "--dispatch"],
                        capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -184,7 +184,7 @@ def test_token_carries_the_attributes_the_agent_reads(tmp_path: Path) -> None:
     assert claims.attributes == {"role": "candidate", "exam_session_id": "exam-7-alice", "candidate_id": "alice",
                                  "exam_id": "math-101"}  # fmt: skip
     assert [a.agent_name for a in claims.room_config.agents] == ["proctor"]
-    r = subprocess.run([sys.executable, "-m", "proctor.cli", "token", "--room", "exam-7", "--identity", "bob",
+    r = subprocess.run([sys.executable, "-m", "livekit_proctor.cli", "token", "--room", "exam-7", "--identity", "bob",
                         "--role", "proctor"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     claims = api.TokenVerifier("devkey", "s" * 32).verify(r.stdout.strip())
     assert claims.video is not None

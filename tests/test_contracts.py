@@ -9,10 +9,17 @@ from typing import Any
 
 import pytest
 
-from analyzer.pipeline import Sampler
-from proctor.contracts import wire
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType, alert_json_schema, check_room_keys, room_keys
-from proctor.tokens import TokenError, mint, verify
+from livekit_proctor.analyzer.pipeline import Sampler
+from livekit_proctor.contracts import wire
+from livekit_proctor.contracts.alerts import (
+    Alert,
+    AlertMetadata,
+    EventType,
+    alert_json_schema,
+    check_room_keys,
+    room_keys,
+)
+from livekit_proctor.tokens import TokenError, mint, verify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +170,7 @@ def test_sampler_keeps_the_rate_by_capture_time() -> None:
 def test_access_logs_never_show_tokens() -> None:
     import logging
 
-    from analyzer.app import RedactTokens
+    from livekit_proctor.analyzer.app import RedactTokens
 
     rec = logging.LogRecord(
         "uvicorn.error",

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aredis
 
-from dispatcher.engine import Dispatcher
-from dispatcher.outbox import RedisOutbox, SqlOutbox
-from dispatcher.source import STREAM, RedisSource, SqlSource
-from dispatcher.transports.base import RetryPolicy
-from dispatcher.transports.redis_stream import RedisStreamTransport
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType
-from proctor.db import DeadLetterRow, make_engine, make_sessionmaker
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.db import DeadLetterRow, make_engine, make_sessionmaker
+from livekit_proctor.dispatcher.engine import Dispatcher
+from livekit_proctor.dispatcher.outbox import RedisOutbox, SqlOutbox
+from livekit_proctor.dispatcher.source import STREAM, RedisSource, SqlSource
+from livekit_proctor.dispatcher.transports.base import RetryPolicy
+from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransport
 from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer, free_port
 
@@ -38,7 +38,7 @@ def sm(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proctor.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "livekit_proctor.cli", *args], capture_output=True, text=True, env=env,
                           timeout=60)  # fmt: skip
 
 
@@ -173,7 +173,7 @@ async def test_redis_outbox_shared_by_two_dispatchers_and_claims_a_dead_ones_wor
 
 
 async def test_fallback_chain_uses_the_first_transport_that_works(sm, redis_server: RedisServer) -> None:
-    from dispatcher.engine import FallbackChain
+    from livekit_proctor.dispatcher.engine import FallbackChain
 
     down = RedisStreamTransport(f"redis://127.0.0.1:{free_port()}/0", "primary", retry=FAST)
     down.name = "primary"

@@ -12,10 +12,10 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("ai_edge_litert")
 
-from analyzer.detectors import facemesh as fm_mod  # noqa: E402
-from analyzer.detectors.base import Box, Face  # noqa: E402
-from analyzer.detectors.blazeface import BlazeFaceDetector  # noqa: E402
-from analyzer.detectors.facemesh import MediapipeFaceMesh, head_pose, model_file  # noqa: E402
+from livekit_proctor.analyzer.detectors import facemesh as fm_mod  # noqa: E402
+from livekit_proctor.analyzer.detectors.base import Box, Face  # noqa: E402
+from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector  # noqa: E402
+from livekit_proctor.analyzer.detectors.facemesh import MediapipeFaceMesh, head_pose, model_file  # noqa: E402
 from tests.conftest import legacy_mediapipe, load_rgb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

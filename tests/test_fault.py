@@ -38,9 +38,9 @@ import redis as sync_redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from dispatcher.outbox import SqlOutbox
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType
-from proctor.db import CursorRow, DeadLetterRow, OutboxRow, make_engine, make_sessionmaker
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.db import CursorRow, DeadLetterRow, OutboxRow, make_engine, make_sessionmaker
+from livekit_proctor.dispatcher.outbox import SqlOutbox
 from tests.servers import RedisServer, free_port, wait_port
 
 pytestmark = pytest.mark.slow
@@ -69,8 +69,8 @@ class Proc:
 
     def start(self) -> Proc:
         with self.log.open("ab") as out:
-            self.p = subprocess.Popen([sys.executable, "-m", "proctor.cli", *self.args], stdout=subprocess.DEVNULL,
-                                      stderr=out, env=self.env)  # fmt: skip
+            self.p = subprocess.Popen([sys.executable, "-m", "livekit_proctor.cli", *self.args],
+                                      stdout=subprocess.DEVNULL, stderr=out, env=self.env)  # fmt: skip
         if self.port:
             wait_port(self.port, START_S)
         return self

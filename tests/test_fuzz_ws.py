@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import websockets
 
-from proctor.contracts import wire
+from livekit_proctor.contracts import wire
 from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, stream_url
 
 N = int(os.environ.get("PROCTOR_FUZZ_MESSAGES", "3000"))

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from proctor.contracts import wire
+from livekit_proctor.contracts import wire
 from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, close_of, stream_url
 
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from analyzer.jpeg import JpegHeaderError, jpeg_size
+from livekit_proctor.analyzer.jpeg import JpegHeaderError, jpeg_size
 
 
 @pytest.mark.parametrize("shape", [(480, 640), (1, 1), (1080, 1920), (37, 1001)])

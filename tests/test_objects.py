@@ -14,19 +14,21 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("onnxruntime")
 
-from analyzer.detectors.base import Detection  # noqa: E402
-from analyzer.detectors.objects import (  # noqa: E402
+from livekit_proctor.analyzer.detectors.base import Detection  # noqa: E402
+from livekit_proctor.analyzer.detectors.objects import (  # noqa: E402
     COCO_CLASSES,
-    NANODET_MODEL,
     NanoDetDetector,
     UltralyticsDetector,
     YoloOnnxDetector,
     load_object_detector,
+    nanodet_model,
     nms_classwise,
 )
 from tests.conftest import load_rgb, oep_frames, shared_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+NANODET_MODEL = nanodet_model()
+NANODET_SRC = REPO / "models" / "nanodet"  # convert.py and README.md are not package data
 data_dir = shared_data  # None when ../shared/data is absent
 ROLAND = "faces/multi_face/proctoring_ai__roland-samuel-9COZH5kDJOg-unsplash.jpg"
 
@@ -56,7 +58,7 @@ def nanodet() -> NanoDetDetector:
 def test_model_ships_in_repo(nanodet: NanoDetDetector) -> None:
     assert NANODET_MODEL.is_file() and NANODET_MODEL.suffix == ".onnx"
     assert NANODET_MODEL.stat().st_size < 20 * 1024 * 1024
-    assert (NANODET_MODEL.parent / "convert.py").is_file()
+    assert (NANODET_SRC / "convert.py").is_file()
     assert (nanodet.input_h, nanodet.input_w) == (416, 416)
     assert [stride for *_, stride in nanodet._levels] == [8, 16, 32]
     assert nanodet.name == "nanodet.onnx"
@@ -64,13 +66,13 @@ def test_model_ships_in_repo(nanodet: NanoDetDetector) -> None:
 
 def test_readme_documents_the_sha256() -> None:
     digest = hashlib.sha256(NANODET_MODEL.read_bytes()).hexdigest()
-    assert digest in (NANODET_MODEL.parent / "README.md").read_text()
+    assert digest in (NANODET_SRC / "README.md").read_text()
 
 
 def test_manifest_verification(nanodet: NanoDetDetector) -> None:
     import json
 
-    from analyzer.detectors.manifest import MANIFEST
+    from livekit_proctor.analyzer.detectors.manifest import MANIFEST
 
     manifest = json.loads(MANIFEST.read_text())
     if "nanodet" not in {m["name"] for m in manifest["models"]}:

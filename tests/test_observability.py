@@ -24,8 +24,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from dispatcher.consumers.webhook import build_app
-from proctor import observability
+from livekit_proctor import observability
+from livekit_proctor.dispatcher.consumers.webhook import build_app
 from tests.conftest import REPO, LiveServer, StreamClient, black_jpeg, eventually, stream_url
 from tests.test_transport_webhook import NEW, Served
 
@@ -117,7 +117,7 @@ def test_tracing_is_off_unless_the_otel_variables_ask(monkeypatch: pytest.Monkey
 def test_cli_reports_a_bad_exporter_in_one_plain_line(tmp_path: Path) -> None:
     env = {**os.environ, "OTEL_TRACES_EXPORTER": "zipkin-typo", "PROCTOR_DATA_DIR": str(tmp_path)}
     r = subprocess.run(
-        [sys.executable, "-m", "proctor.cli", "dispatcher"], env=env, cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "livekit_proctor.cli", "dispatcher"], env=env, cwd=REPO, capture_output=True, text=True
     )
     assert r.returncode == 2
     assert r.stderr.startswith("error: OTEL_TRACES_EXPORTER: unknown exporter 'zipkin-typo'")
@@ -208,7 +208,7 @@ def test_agent_records_share_the_format(monkeypatch: pytest.MonkeyPatch, capsys:
     """
     from livekit.agents.cli import cli as lk_cli
 
-    from agent import worker
+    from livekit_proctor.agent import worker
 
     seen: dict[str, Any] = {}
 
@@ -248,7 +248,7 @@ def test_serve_logs_json_and_flushes_its_spans_on_sigterm(tmp_path: Path) -> Non
     import httpx
     import websockets
 
-    from proctor.contracts import wire
+    from livekit_proctor.contracts import wire
     from tests.conftest import _free_port
 
     port = _free_port()
@@ -257,7 +257,7 @@ def test_serve_logs_json_and_flushes_its_spans_on_sigterm(tmp_path: Path) -> Non
            "PROCTOR_API_KEYS": "k1:admin", "PROCTOR_LOG_FORMAT": "json", "PROCTOR_FACE_MESH": "false",
            "PROCTOR_OBJECTS_MODEL": "none", "PROCTOR_BODY_POSE": "false", "PROCTOR_SEGMENTATION": "false"}  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proctor.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "livekit_proctor.cli", "serve", "--port", str(port)],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 

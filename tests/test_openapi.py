@@ -13,8 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
-from analyzer.app import create_app
-from proctor.settings import Settings
+from livekit_proctor.analyzer.app import create_app
+from livekit_proctor.settings import Settings
 from tests.conftest import ADMIN_KEY, PROCTOR_KEY, LiveServer
 
 CHECKS = [

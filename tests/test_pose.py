@@ -13,8 +13,8 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("ai_edge_litert")
 
-from analyzer.detectors.base import BodyPose  # noqa: E402
-from analyzer.detectors.pose import (  # noqa: E402
+from livekit_proctor.analyzer.detectors.base import BodyPose  # noqa: E402
+from livekit_proctor.analyzer.detectors.pose import (  # noqa: E402
     DETECTOR_FILE,
     KEYPOINT_NAMES,
     LANDMARK_FILE,

@@ -41,7 +41,8 @@ class Serve:
 
     def start(self) -> Serve:
         log = (self.data_dir.parent / f"serve-{self.port}.log").open("ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "proctor.cli", "serve"], env=self.env, stdout=log, stderr=log)
+        self.p = subprocess.Popen([sys.executable, "-m", "livekit_proctor.cli", "serve"], env=self.env,
+                                  stdout=log, stderr=log)
         wait_port(self.port, 120)
         return self
 
@@ -148,7 +149,7 @@ async def test_the_expiry_sweep_reads_the_database(tmp_path: Path) -> None:
     """The sweep ends sessions that are active in the database but not in this process's memory."""
     from sqlalchemy import update
 
-    from proctor.db import SessionRow, utcnow
+    from livekit_proctor.db import SessionRow, utcnow
     from tests.conftest import LiveServer
 
     server = LiveServer(tmp_path, expiry_sweep_s=0.2).start()

@@ -19,17 +19,17 @@ import pytest
 import redis.asyncio as aredis
 from sqlalchemy import select, update
 
-from dispatcher import jsonl, retention
-from dispatcher.engine import Dispatcher
-from dispatcher.outbox import RedisOutbox, SqlOutbox
-from dispatcher.retention import purge
-from dispatcher.service import build_dispatcher, lane_names
-from dispatcher.source import RedisSource, SqlSource
-from dispatcher.transports.base import RetryPolicy
-from dispatcher.transports.redis_stream import RedisStreamTransport
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType
-from proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow, make_engine, make_sessionmaker
-from proctor.settings import Settings
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow, make_engine, make_sessionmaker
+from livekit_proctor.dispatcher import jsonl, retention
+from livekit_proctor.dispatcher.engine import Dispatcher
+from livekit_proctor.dispatcher.outbox import RedisOutbox, SqlOutbox
+from livekit_proctor.dispatcher.retention import purge
+from livekit_proctor.dispatcher.service import build_dispatcher, lane_names
+from livekit_proctor.dispatcher.source import RedisSource, SqlSource
+from livekit_proctor.dispatcher.transports.base import RetryPolicy
+from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransport
+from livekit_proctor.settings import Settings
 from tests.conftest import LiveServer
 from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer, free_port, wait_port
@@ -270,7 +270,7 @@ WRITER = """
 import json, sys
 from datetime import UTC, datetime
 from pathlib import Path
-from dispatcher import jsonl
+from livekit_proctor.dispatcher import jsonl
 path, n, base = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 for i in range(n):
     ts = datetime.fromtimestamp(base + i / 1000, UTC).isoformat()
@@ -343,7 +343,7 @@ async def test_redis_outbox_is_trimmed_below_what_every_lane_acknowledged(
 
 def cli(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("PROCTOR_")}
-    return subprocess.run([sys.executable, "-m", "proctor.cli", *args], capture_output=True, text=True, cwd=tmp,
+    return subprocess.run([sys.executable, "-m", "livekit_proctor.cli", *args], capture_output=True, text=True, cwd=tmp,
                           env=base | {"PYTHONPATH": str(REPO)} | env, timeout=120)  # fmt: skip
 
 
@@ -398,7 +398,7 @@ def test_keys_create_and_the_dispatcher_make_private_files(tmp_path: Path) -> No
     port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("PROCTOR_")}
     env = base | {"PYTHONPATH": str(REPO), "PROCTOR_DATA_DIR": str(other), "PROCTOR_DISPATCHER_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "-m", "proctor.cli", "dispatcher"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "livekit_proctor.cli", "dispatcher"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_port(port, timeout=60)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from analyzer.detectors.base import Box, Face
-from analyzer.rules.engine import RuleEngine
-from analyzer.rules.policy import effective_policy
-from analyzer.signals import FrameSignals
-from proctor.contracts.api import SessionStartRequest
+from livekit_proctor.analyzer.detectors.base import Box, Face
+from livekit_proctor.analyzer.rules.engine import RuleEngine
+from livekit_proctor.analyzer.rules.policy import effective_policy
+from livekit_proctor.analyzer.signals import FrameSignals
+from livekit_proctor.contracts.api import SessionStartRequest
 
 FACE = Face(Box(100, 100, 80, 80), 0.9)
 
@@ -122,10 +122,10 @@ def test_severity_in_range_and_grows_with_faces() -> None:
 
 
 def test_incident_rate_limit_suppresses_whole_incidents_and_says_so() -> None:
-    from analyzer.rules.engine import RuleEvent
-    from analyzer.rules.limits import IncidentLimiter
-    from proctor.contracts.alerts import EventType
-    from proctor.contracts.alerts import IncidentState as S
+    from livekit_proctor.analyzer.rules.engine import RuleEvent
+    from livekit_proctor.analyzer.rules.limits import IncidentLimiter
+    from livekit_proctor.contracts.alerts import EventType
+    from livekit_proctor.contracts.alerts import IncidentState as S
 
     def ev(i: int, state: S, kind: EventType = EventType.CAMERA_OFF) -> RuleEvent:
         return RuleEvent(kind, state, f"inc-{kind}-{i}", float(i), 0.5, "m", {})

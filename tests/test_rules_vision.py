@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from analyzer.detectors.base import BodyPose, Box, Detection, Face, FaceMesh, Gaze, HeadPose
-from analyzer.evidence import FeedbackLimiter, thumbnail_b64
-from analyzer.rules.engine import RuleEngine, RuleEvent
-from analyzer.rules.policy import effective_policy
-from analyzer.signals import FrameSignals
-from proctor.contracts.api import SessionStartRequest
+from livekit_proctor.analyzer.detectors.base import BodyPose, Box, Detection, Face, FaceMesh, Gaze, HeadPose
+from livekit_proctor.analyzer.evidence import FeedbackLimiter, thumbnail_b64
+from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
+from livekit_proctor.analyzer.rules.policy import effective_policy
+from livekit_proctor.analyzer.signals import FrameSignals
+from livekit_proctor.contracts.api import SessionStartRequest
 
 W, H = 640, 480
 FACE = Face(Box(270, 150, 100, 120), 0.9)

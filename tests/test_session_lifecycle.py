@@ -184,7 +184,7 @@ async def test_muted_camera_raises_camera_off_and_tells_the_candidate(server: Li
 
 
 async def test_frames_that_stop_raise_camera_off(tmp_path: Path) -> None:
-    from analyzer.rules import policy
+    from livekit_proctor.analyzer.rules import policy
 
     srv = LiveServer(tmp_path).start()
     try:

@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import pytest
 
-from analyzer.offline import video_frames
+from livekit_proctor.analyzer.offline import video_frames
 from tests.conftest import LiveServer, StreamClient, black_jpeg, jpeg_of, stream_url
 
 FPS = 5.0

@@ -7,7 +7,6 @@ import datetime as dt
 import io
 import ipaddress
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,13 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.consumers.grpc_server import ConsumerServer, serve
-from dispatcher.transports.base import DeliveryError, Envelope
-from dispatcher.transports.grpc import GrpcTransport, alert_from_proto, alert_to_proto
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState
-from proctor.protogen import REPO, ensure_generated
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState
+from livekit_proctor.dispatcher.consumers.grpc_server import ConsumerServer, serve
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope
+from livekit_proctor.dispatcher.transports.grpc import GrpcTransport, alert_from_proto, alert_to_proto
+from livekit_proctor.protogen import ensure_generated
 
 WAIT_S = 60.0  # upper bound for conditions that hold after a few loop turns: generous, never a speed test
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_envelopes(first_seq: int, n: int) -> list[Envelope]:
@@ -330,7 +331,7 @@ async def test_cli_consumer_dedups_and_reports(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "dispatcher.consumers.grpc_server",
+        "livekit_proctor.dispatcher.consumers.grpc_server",
         "--port",
         "0",
         "--record",
@@ -369,37 +370,38 @@ async def test_cli_consumer_dedups_and_reports(tmp_path: Path) -> None:
 
 
 def _copy_protos(dst: Path) -> Path:
-    proto = dst / "proto"
-    shutil.copytree(REPO / "proto", proto, ignore=shutil.ignore_patterns("gen"))
-    assert not (proto / "gen").exists()
+    """The .proto files alone, as a package `gentest` under dst (so the copy imports on its own)."""
+    proto = dst / "gentest"
+    shutil.copytree(REPO / "proto", proto, ignore=shutil.ignore_patterns("*_pb2*", ".protogen*", "__pycache__"))
+    assert not list(proto.rglob("*_pb2.py"))
     return proto
 
 
 def test_ensure_generated_from_clean(tmp_path: Path) -> None:
     proto = _copy_protos(tmp_path)
-    out = ensure_generated(proto, add_to_path=False)
-    assert out == proto / "gen" / "proctoring" / "v1"
+    out = ensure_generated(proto, package="gentest")
+    assert out == proto / "proctoring" / "v1"
     for f in ("alerts_pb2.py", "delivery_pb2.py", "delivery_pb2_grpc.py", "__init__.py"):
         assert (out / f).is_file()
-    assert (proto / "gen" / "proctoring" / "__init__.py").is_file()
-    # Importable on its own (the grpc module's `from proctoring.v1 import ...` resolves via proto/gen).
+    # Importable on its own: the generated modules import each other through the package name given.
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from proctoring.v1 import delivery_pb2, delivery_pb2_grpc;"
+        "from gentest.proctoring.v1 import delivery_pb2, delivery_pb2_grpc;"
         "print(delivery_pb2_grpc.AlertDeliveryStub.__name__, delivery_pb2.ClientMessage.DESCRIPTOR.full_name)"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(proto / "gen")], capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["AlertDeliveryStub", "proctoring.v1.ClientMessage"]
+    assert "from gentest.proctoring.v1 import" in (out / "delivery_pb2_grpc.py").read_text()
 
-    # Up to date: nothing rewritten. A .proto newer than the output: regenerated.
+    # Up to date: nothing rewritten. A changed .proto: regenerated.
     mtime = (out / "delivery_pb2.py").stat().st_mtime_ns
-    ensure_generated(proto, add_to_path=False)
+    ensure_generated(proto, package="gentest")
     assert (out / "delivery_pb2.py").stat().st_mtime_ns == mtime
-    future = time.time() + 100
-    os.utime(proto / "proctoring" / "v1" / "delivery.proto", (future, future))
-    ensure_generated(proto, add_to_path=False)
+    src = proto / "proctoring" / "v1" / "delivery.proto"
+    src.write_text(src.read_text() + "\n// changed\n")
+    ensure_generated(proto, package="gentest")
     assert (out / "delivery_pb2.py").stat().st_mtime_ns > mtime
-    assert not list((proto / "gen").glob(".tmp-*"))  # temp dirs cleaned up
+    assert not list(proto.glob(".tmp-*"))  # temp dirs cleaned up
 
 
 def test_ensure_generated_concurrent(tmp_path: Path) -> None:
@@ -408,7 +410,7 @@ def test_ensure_generated_concurrent(tmp_path: Path) -> None:
 
     def gen() -> None:
         try:
-            ensure_generated(proto, add_to_path=False)
+            ensure_generated(proto, package="gentest")
         except BaseException as e:
             errors.append(e)
 
@@ -416,10 +418,11 @@ def test_ensure_generated_concurrent(tmp_path: Path) -> None:
     for th in threads:
         th.start()
     procs = [
-        subprocess.Popen([sys.executable, "-m", "proctor.protogen", "--proto-dir", str(proto)], cwd=REPO)
+        subprocess.Popen([sys.executable, "-m", "livekit_proctor.protogen", "--proto-dir", str(proto),
+                          "--package", "gentest"], cwd=REPO)
         for _ in range(2)
     ]
     for th in threads:
         th.join()
     assert [p.wait() for p in procs] == [0, 0] and not errors
-    assert (proto / "gen" / "proctoring" / "v1" / "delivery_pb2_grpc.py").is_file()
+    assert (proto / "proctoring" / "v1" / "delivery_pb2_grpc.py").is_file()

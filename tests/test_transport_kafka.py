@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from dispatcher.consumers.kafka import ConsumerStats, consume
-from dispatcher.transports.base import DeliveryError, Envelope
-from dispatcher.transports.kafka import KafkaTransport
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.dispatcher.consumers.kafka import ConsumerStats, consume
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope
+from livekit_proctor.dispatcher.transports.kafka import KafkaTransport
 from tests.kafka_broker import TansuBroker, free_port, tansu_binary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,7 +312,8 @@ async def test_consumer_cli(broker: TansuBroker, tmp_path: Path) -> None:
     known = interleaved(5)
     record.write_text(known[0].event_id + "\n")  # already processed in an earlier run: not printed again
     proc = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "dispatcher.consumers.kafka", "--bootstrap", broker.bootstrap, "--record", str(record)],
+        *[sys.executable, "-m", "livekit_proctor.dispatcher.consumers.kafka"],
+        *["--bootstrap", broker.bootstrap, "--record", str(record)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -15,9 +15,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from dispatcher.transports.base import Envelope
-from dispatcher.transports.livekit_room import ALERT_TOPIC, MAX_RELIABLE_PACKET, LiveKitRoomTransport, fit_packet
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.dispatcher.transports.base import Envelope
+from livekit_proctor.dispatcher.transports.livekit_room import (
+    ALERT_TOPIC,
+    MAX_RELIABLE_PACKET,
+    LiveKitRoomTransport,
+    fit_packet,
+)
 from tests.servers import free_port
 
 KEY, SECRET = "devkey", "devsecret_devsecret_devsecret_32b"
@@ -100,7 +105,7 @@ async def test_alerts_reach_proctors_only_within_the_packet_limit(fake_room: Fak
 
 
 async def test_unreachable_room_service_is_a_delivery_error() -> None:
-    from dispatcher.transports.base import DeliveryError
+    from livekit_proctor.dispatcher.transports.base import DeliveryError
 
     t = LiveKitRoomTransport(f"http://127.0.0.1:{free_port()}", KEY, SECRET)
     await t.start()

@@ -21,10 +21,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from dispatcher.consumers.webhook import build_app
-from dispatcher.transports.base import DeliveryError, Envelope
-from dispatcher.transports.webhook import WebhookTransport, parse_retry_after
-from dispatcher.webhook_signing import (
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.dispatcher.consumers.webhook import build_app
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope
+from livekit_proctor.dispatcher.transports.webhook import WebhookTransport, parse_retry_after
+from livekit_proctor.dispatcher.webhook_signing import (
     WebhookSecretError,
     WebhookVerificationError,
     generate_secret,
@@ -33,7 +34,6 @@ from dispatcher.webhook_signing import (
     verify,
     webhook_headers,
 )
-from proctor.contracts.alerts import Alert, AlertMetadata, EventType
 
 OLD = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks spec's example secret
 NEW = generate_secret()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proctor.contracts.api import ErrorBody, ValidationErrorBody, ValidationIssue
+from livekit_proctor.contracts.api import ErrorBody, ValidationErrorBody, ValidationIssue
 
 # The models the error answers reference: analyzer.app adds them to the OpenAPI components.
 ERROR_MODELS = (ErrorBody, ValidationErrorBody, ValidationIssue)

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response,
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from analyzer.api.errors import AUTH, errors
-from analyzer.auth import CAN_ADMIN, Principal, presented_key, require
-from proctor import __version__
-from proctor.contracts.api import AdminSessions, AdminStats, Health, Readiness
+from livekit_proctor import __version__
+from livekit_proctor.analyzer.api.errors import AUTH, errors
+from livekit_proctor.analyzer.auth import CAN_ADMIN, Principal, presented_key, require
+from livekit_proctor.contracts.api import AdminSessions, AdminStats, Health, Readiness
 
 router = APIRouter(tags=["operations"])
 Admin = Annotated[Principal, Depends(require(CAN_ADMIN))]

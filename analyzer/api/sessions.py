@@ -7,13 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 
-from analyzer.api.errors import AUTH, errors
-from analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS, Principal, require
-from analyzer.sessions import LiveSession, SessionClosed, SessionConflict, SessionManager, SessionNotFound
-from proctor.contracts.alerts import ts_to_iso
-from proctor.contracts.api import CalibrationSettings, SessionConfig, SessionStartRequest, SessionState
-from proctor.contracts.wire import PROTOCOL_VERSION
-from proctor.tokens import mint
+from livekit_proctor.analyzer.api.errors import AUTH, errors
+from livekit_proctor.analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS, Principal, require
+from livekit_proctor.analyzer.sessions import (
+    LiveSession,
+    SessionClosed,
+    SessionConflict,
+    SessionManager,
+    SessionNotFound,
+)
+from livekit_proctor.contracts.alerts import ts_to_iso
+from livekit_proctor.contracts.api import CalibrationSettings, SessionConfig, SessionStartRequest, SessionState
+from livekit_proctor.contracts.wire import PROTOCOL_VERSION
+from livekit_proctor.tokens import mint
 
 router = APIRouter(prefix="/api/v1/session", tags=["sessions"])
 Manager = Annotated[Principal, Depends(require(CAN_MANAGE_SESSIONS))]

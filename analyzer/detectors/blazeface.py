@@ -28,8 +28,8 @@ import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from analyzer.detectors.base import Box, Face, check_rgb
-from analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.detectors.base import Box, Face, check_rgb
+from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
 
 KEYPOINT_NAMES: tuple[str, ...] = (
     "right_eye",

@@ -43,8 +43,8 @@ from ai_edge_litert import schema_py_generated as tfl
 from ai_edge_litert.interpreter import Interpreter
 from flatbuffers import flexbuffers
 
-from analyzer.detectors.base import Face, FaceMesh, Gaze, HeadPose, check_rgb
-from analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.detectors.base import Face, FaceMesh, Gaze, HeadPose, check_rgb
+from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
 
 MODEL_NAME = "face_landmark_with_attention"
 MODEL_FILE = "face_landmark_with_attention.tflite"

@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-MANIFEST = Path(__file__).resolve().parents[2] / "models" / "manifest.json"
+# The package data of livekit_proctor.models (the repository's models/ folder in a checkout).
+PACKAGED_MODELS = Path(str(resources.files("livekit_proctor.models")))
+MANIFEST = PACKAGED_MODELS / "manifest.json"
 
 
 @lru_cache
@@ -33,11 +37,9 @@ def verify(name: str, data: bytes) -> bool:
 
 
 def models_dir() -> Path:
-    """Where model files live: PROCTOR_MODELS_DIR, else the repository's models/ folder."""
-    import os
-
+    """Where model files live: PROCTOR_MODELS_DIR, else the models shipped in the package."""
     env = os.environ.get("PROCTOR_MODELS_DIR")
-    return Path(env) if env else MANIFEST.parent
+    return Path(env) if env else PACKAGED_MODELS
 
 
 def mediapipe_model(relative: str) -> Path:

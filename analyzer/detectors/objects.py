@@ -35,8 +35,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from analyzer.detectors.base import Box, Detection, ObjectDetector, check_rgb
-from analyzer.detectors.manifest import verify
+from livekit_proctor.analyzer.detectors.base import Box, Detection, ObjectDetector, check_rgb
+from livekit_proctor.analyzer.detectors.manifest import models_dir, verify
 
 COCO_CLASSES: tuple[str, ...] = (
     "person",
@@ -121,8 +121,11 @@ COCO_CLASSES: tuple[str, ...] = (
     "toothbrush",
 )
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-NANODET_MODEL = MODELS_DIR / "nanodet" / "nanodet.onnx"
+def nanodet_model() -> Path:
+    """The bundled NanoDet-Plus ONNX file (under PROCTOR_MODELS_DIR when that is set)."""
+    return models_dir() / "nanodet" / "nanodet.onnx"
+
+
 NANODET_MANIFEST_NAME = "nanodet"
 
 # NanoDet's normalisation (BGR order), from its configs: img_norm_cfg mean / std.
@@ -252,7 +255,7 @@ class NanoDetDetector:
         self.score_threshold = _check_threshold("score_threshold", score_threshold)
         self.nms_iou = _check_threshold("nms_iou", nms_iou)
         self.max_detections = int(max_detections)
-        path = Path(model_path) if model_path else NANODET_MODEL
+        path = Path(model_path) if model_path else nanodet_model()
         self.model_path = path
         self.name: str = "nanodet.onnx" if model_path is None else f"nanodet:{path.name}"
         model = _read_model(path, "NanoDet")

@@ -39,9 +39,9 @@ import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from analyzer.detectors.base import BodyPose, check_rgb
-from analyzer.detectors.blazeface import ssd_anchors, weighted_nms
-from analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.detectors.base import BodyPose, check_rgb
+from livekit_proctor.analyzer.detectors.blazeface import ssd_anchors, weighted_nms
+from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
 
 # mediapipe.solutions.pose.PoseLandmark, lower case, in model output order.
 KEYPOINT_NAMES: tuple[str, ...] = (

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from analyzer.detectors.base import check_rgb
-from analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.detectors.base import check_rgb
+from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
 
 # Pixels with a person probability above this count as person.
 MASK_THRESHOLD = 0.5

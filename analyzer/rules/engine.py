@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from analyzer.fusion import Observation, PresenceFusion
-from analyzer.signals import FrameSignals
-from proctor.contracts.alerts import EventType as E
-from proctor.contracts.alerts import IncidentState
-from proctor.contracts.api import EffectivePolicy, RulePolicy
+from livekit_proctor.analyzer.fusion import Observation, PresenceFusion
+from livekit_proctor.analyzer.signals import FrameSignals
+from livekit_proctor.contracts.alerts import EventType as E
+from livekit_proctor.contracts.alerts import IncidentState
+from livekit_proctor.contracts.api import EffectivePolicy, RulePolicy
 
 # A frame gap longer than this means we saw nothing in between: a pending
 # (not yet raised) condition starts again instead of counting the gap.

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from analyzer.rules.engine import RuleEvent
-from proctor.contracts.alerts import IncidentState
+from livekit_proctor.analyzer.rules.engine import RuleEvent
+from livekit_proctor.contracts.alerts import IncidentState
 
 
 class IncidentLimiter:

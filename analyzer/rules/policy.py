@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proctor.contracts.alerts import EventType as E
-from proctor.contracts.api import (
+from livekit_proctor.contracts.alerts import EventType as E
+from livekit_proctor.contracts.api import (
     FEATURES,
     CalibrationSettings,
     EffectivePolicy,

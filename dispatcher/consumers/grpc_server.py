@@ -33,11 +33,11 @@ from typing import Any, TextIO
 import grpc
 import grpc.aio
 
-from dispatcher.transports.grpc import alert_from_proto
-from proctor.protogen import ensure_generated
+from livekit_proctor.dispatcher.transports.grpc import alert_from_proto
+from livekit_proctor.protogen import ensure_generated
 
-ensure_generated()
-from proctoring.v1 import alerts_pb2, delivery_pb2, delivery_pb2_grpc  # noqa: E402
+ensure_generated()  # regenerates only in a checkout whose .proto files changed since the build
+from livekit_proctor.proto.proctoring.v1 import alerts_pb2, delivery_pb2, delivery_pb2_grpc  # noqa: E402
 
 _END = object()  # reader -> processor: the client half-closed
 

@@ -34,7 +34,12 @@ from typing import IO, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from dispatcher.transports.kafka import DEFAULT_TOPIC, ensure_topics, stray_cancel, watch_connection_loss
+from livekit_proctor.dispatcher.transports.kafka import (
+    DEFAULT_TOPIC,
+    ensure_topics,
+    stray_cancel,
+    watch_connection_loss,
+)
 
 log = logging.getLogger("proctor.consumer.kafka")
 

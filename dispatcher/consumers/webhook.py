@@ -31,7 +31,7 @@ from typing import IO, Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from dispatcher.webhook_signing import (
+from livekit_proctor.dispatcher.webhook_signing import (
     DEFAULT_TOLERANCE_S,
     WebhookSecretError,
     WebhookVerificationError,

@@ -29,11 +29,11 @@ import grpc
 import grpc.aio
 from google.protobuf import json_format
 
-from dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
-from proctor.protogen import ensure_generated
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
+from livekit_proctor.protogen import ensure_generated
 
-ensure_generated()  # builds proto/gen when missing or stale and puts it on sys.path
-from proctoring.v1 import alerts_pb2, delivery_pb2, delivery_pb2_grpc  # noqa: E402
+ensure_generated()  # regenerates only in a checkout whose .proto files changed since the build
+from livekit_proctor.proto.proctoring.v1 import alerts_pb2, delivery_pb2, delivery_pb2_grpc  # noqa: E402
 
 log = logging.getLogger(__name__)
 

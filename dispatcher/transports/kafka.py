@@ -38,8 +38,8 @@ from aiokafka.errors import (
     UnsupportedVersionError,
 )
 
-from dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, TransportStats
-from proctor.contracts.alerts import SCHEMA_VERSION
+from livekit_proctor.contracts.alerts import SCHEMA_VERSION
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, TransportStats
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
 
 MAX_RELIABLE_PACKET = 15 * 1024
 ALERT_TOPIC = "proctoring.alert"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
 
 
 class RedisStreamTransport:

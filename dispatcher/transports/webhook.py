@@ -42,8 +42,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, TransportStats
-from dispatcher.webhook_signing import validate_secrets, webhook_headers
+from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, TransportStats
+from livekit_proctor.dispatcher.webhook_signing import validate_secrets, webhook_headers
 
 # 4xx that are about timing, not about the payload: retried (see module docstring).
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})

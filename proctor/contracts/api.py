@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator, model_validator
 
-from proctor.contracts.alerts import check_room_keys
+from livekit_proctor.contracts.alerts import check_room_keys
 
 Sensitivity = Literal["low", "medium", "high"]
 

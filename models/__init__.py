@@ -1,0 +1,1 @@
+"""Model files shipped with the package (see manifest.json for source, license and sha256)."""

@@ -1,0 +1,1 @@
+"""Generated from proto/proctoring (the protobuf package name); see livekit_proctor.protogen."""
