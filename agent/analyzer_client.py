@@ -2,7 +2,8 @@
 
 SessionStream keeps one candidate's session connected:
 
-- reconnects with exponential backoff (0.2 s doubling to 10 s, ±20 % jitter) and resumes the same
+- reconnects with exponential backoff (livekit_proctor.retry.RECONNECT: 0.2 s doubling to 10 s, ±20 %
+  jitter) and resumes the same
   session; a fresh stream token is fetched (POST /api/v1/session/{id}/token) when the old one has
   expired or the server closed with 4401;
 - close codes 4404 / 4408 (and a `session_ended` message) end the session's handling, 4409 (another
@@ -16,16 +17,16 @@ SessionStream keeps one candidate's session connected:
 
 A chunk that ws.send() accepted just before the connection died may still be lost: the protocol has no
 acknowledgements. What the agent guarantees is that nothing it buffered during an outage is lost.
+
+The protocol itself (connecting with the token, encoding media, typed server messages) is
+livekit_proctor.client.StreamConnection, shared with the tests and bench/loadgen.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import json
 import logging
-import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -34,25 +35,27 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-import websockets
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from livekit_proctor.contracts import wire
-from livekit_proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode
-
-try:  # websockets >= 13
-    from websockets.asyncio.client import connect as _ws_connect
-
-    _NEW_API = True
-except ImportError:  # pragma: no cover - websockets 12
-    # The legacy connect function in place of 13's connect class: a different type, the same call.
-    _ws_connect = websockets.connect  # type: ignore[misc]
-    _NEW_API = False
+from livekit_proctor.client import StreamConnection, stream_url
+from livekit_proctor.contracts.wire import (
+    AUDIO_SAMPLE_RATE,
+    AUDIO_SAMPLE_WIDTH,
+    AlertMessage,
+    CloseCode,
+    ControlMessage,
+    ErrorMessage,
+    FeedbackMessage,
+    FlowMessage,
+    HeartbeatMessage,
+    HelloMessage,
+    ServerMessage,
+    SessionEndedMessage,
+)
+from livekit_proctor.retry import RECONNECT, RetryPolicy
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MIN_S = 0.2
-BACKOFF_MAX_S = 10.0
 TOKEN_MARGIN_S = 30.0  # refresh a token this long before it expires
 _ENDING = {int(CloseCode.UNKNOWN_SESSION): "unknown_session", int(CloseCode.SESSION_ENDED): "session_ended"}
 
@@ -104,24 +107,10 @@ class AnalyzerClient:
     def stream_url(self, session_id: str) -> str:
         # Built from the agent's own analyzer URL, not the advertised stream_url: that one is for browsers
         # (PROCTOR_PUBLIC_URL) and may not be reachable from inside the cluster.
-        base = self.base_url
-        base = "wss://" + base[8:] if base.startswith("https://") else "ws://" + base.removeprefix("http://")
-        return f"{base}/api/v1/session/{session_id}/stream"
+        return stream_url(self.base_url, session_id)
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-
-def _ws_open(url: str, token: str) -> Any:
-    kw: dict[str, Any] = {"max_size": 8 * 1024 * 1024, "open_timeout": 10, "close_timeout": 2, "compression": None}
-    headers = {"Authorization": f"Bearer {token}"}  # a header, not ?token=: keeps it out of access logs
-    if _NEW_API:
-        kw["additional_headers"] = headers
-        if "proxy" in inspect.signature(_ws_connect.__init__).parameters:
-            kw["proxy"] = None  # the analyzer is a direct peer; never route media through HTTP(S)_PROXY
-    else:  # pragma: no cover
-        kw["extra_headers"] = headers
-    return _ws_connect(url, **kw)
 
 
 def _expiry(config: dict[str, Any]) -> float:
@@ -154,6 +143,7 @@ class StreamCounters:
     alerts: int = 0
     feedback: int = 0
     server_errors: Counter[str] = field(default_factory=Counter)
+    skipped_messages: Counter[str] = field(default_factory=Counter)  # unknown types, malformed (newer servers)
 
     @property
     def audio_seconds_sent(self) -> float:
@@ -169,17 +159,17 @@ class SessionStream:
         session_id: str,
         *,
         audio_buffer_s: float = 30.0,
-        on_alert: Callable[[dict[str, Any]], None] | None = None,
-        on_feedback: Callable[[dict[str, Any]], None] | None = None,
+        on_alert: Callable[[AlertMessage], None] | None = None,
+        on_feedback: Callable[[FeedbackMessage], None] | None = None,
         on_ended: Callable[[str], None] | None = None,
-        backoff: tuple[float, float] = (BACKOFF_MIN_S, BACKOFF_MAX_S),
+        retry: RetryPolicy = RECONNECT,
         max_controls: int = 256,
         hello_timeout: float = 10.0,
     ) -> None:
         self.client = client
         self.session_id = session_id
         self.on_alert, self.on_feedback, self.on_ended = on_alert, on_feedback, on_ended
-        self.backoff_min, self.backoff_max = backoff
+        self.retry = retry
         self.hello_timeout = hello_timeout
         self.counters = StreamCounters()
         self.video_fps = 5.0
@@ -187,7 +177,7 @@ class SessionStream:
         self.connected = False
         self.flow_paused = False
         self.ended: str | None = None  # reason, once the session's handling is over
-        self.last_heartbeat: dict[str, Any] | None = None
+        self.last_heartbeat: HeartbeatMessage | None = None
         self._token = ""
         self._token_expires = 0.0
         self._need_token = False
@@ -198,11 +188,11 @@ class SessionStream:
         self._aseq = 0
         self._vseq = 0
         self._video: tuple[int, float, bytes] | None = None
-        self._controls: deque[str] = deque()
+        self._controls: deque[ControlMessage] = deque()
         self._max_controls = max_controls
         self._wake = asyncio.Event()
         self._connected_evt = asyncio.Event()
-        self._ws: Any = None
+        self._ws: StreamConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._reconnect_requested = False
@@ -298,19 +288,19 @@ class SessionStream:
     def send_control(self, event: str, track: str | None = None, ts: float | None = None) -> None:
         if self.ended is not None:
             return
-        msg: dict[str, Any] = {"type": "control", "event": event, "ts": ts if ts is not None else time.time()}
-        if track is not None:
-            msg["track"] = track
+        msg = ControlMessage.model_validate(
+            {"type": "control", "event": event, "track": track, "ts": ts if ts is not None else time.time()}
+        )
         if len(self._controls) >= self._max_controls:
             self._controls.popleft()
             self.counters.controls_dropped += 1
-        self._controls.append(json.dumps(msg, separators=(",", ":")))
+        self._controls.append(msg)
         self._wake.set()
 
     # ---- connection loop
 
     async def _run(self) -> None:
-        delay = self.backoff_min
+        backoff = self.retry.backoff()
         while not self._stopping and self.ended is None:
             code: int | None = None
             try:
@@ -318,7 +308,7 @@ class SessionStream:
                     await self._refresh_token()
                 code = await self._connect_once()
                 if self._got_hello:
-                    delay = self.backoff_min
+                    backoff.reset()
             except _SessionGone as e:
                 self._finish(e.reason)
                 return
@@ -340,8 +330,7 @@ class SessionStream:
             if self._reconnect_requested:
                 self._reconnect_requested = False
                 continue
-            await asyncio.sleep(min(self.backoff_max, max(self.backoff_min, delay * random.uniform(0.8, 1.2))))
-            delay = min(self.backoff_max, delay * 2)
+            await backoff.sleep()
 
     async def _refresh_token(self) -> None:
         try:
@@ -358,14 +347,14 @@ class SessionStream:
 
     async def _connect_once(self) -> int | None:
         self._got_hello = False
-        async with _ws_open(self.client.stream_url(self.session_id), self._token) as ws:
+        async with StreamConnection.connect(self.client.stream_url(self.session_id), self._token) as ws:
             self._ws = ws
             try:
                 try:
                     first = await asyncio.wait_for(ws.recv(), self.hello_timeout)
                 except ConnectionClosed:
                     return ws.close_code  # refused after the upgrade: 4401, 4404, 4408
-                self._on_text(first)
+                self._on_message(first)
                 self._got_hello = True
                 self.connected = True
                 self._connected_evt.set()
@@ -375,11 +364,10 @@ class SessionStream:
                 self._wake.set()
                 sender = asyncio.create_task(self._sender(ws), name=f"analyzer-send:{self.session_id}")
                 try:
-                    async for raw in ws:
-                        self._on_text(raw)
-                except ConnectionClosed:
-                    pass
+                    async for msg in ws:
+                        self._on_message(msg)
                 finally:
+                    self.counters.skipped_messages.update(ws.skipped)
                     self.connected = False
                     self._connected_evt.clear()
                     self._video = None
@@ -391,7 +379,7 @@ class SessionStream:
                 self.connected = False
                 self._ws = None
 
-    async def _sender(self, ws: Any) -> None:
+    async def _sender(self, ws: StreamConnection) -> None:
         try:
             while True:
                 await self._wake.wait()
@@ -407,10 +395,10 @@ class SessionStream:
             with contextlib.suppress(Exception):
                 await ws.close(code=1011, reason="agent sender failed")
 
-    async def _send_one(self, ws: Any) -> bool:
+    async def _send_one(self, ws: StreamConnection) -> bool:
         """Sends the next message by priority: controls, then audio (unless paused), then video."""
         if self._controls:
-            await ws.send(self._controls[0])
+            await ws.send_control(self._controls[0])
             self._controls.popleft()
             self.counters.controls_sent += 1
             return True
@@ -419,7 +407,8 @@ class SessionStream:
             self._audio_bytes -= len(item[2])
             self._inflight = item
             try:
-                await ws.send(wire.encode_audio(*item))
+                seq, ts, pcm = item
+                await ws.send_audio(pcm, ts, seq)
             except BaseException:
                 # Not handed over: back to the head of the buffer, resent after the reconnect.
                 self._audio.appendleft(item)
@@ -431,50 +420,40 @@ class SessionStream:
             self.counters.audio_bytes_sent += len(item[2])
             return True
         if self._video is not None:
-            item_v, self._video = self._video, None
-            await ws.send(wire.encode_video(*item_v))
+            (vseq, vts, jpeg), self._video = self._video, None
+            await ws.send_video(jpeg, vts, vseq)
             self.counters.video_sent += 1
             return True
         return False
 
     # ---- server messages (never block: the analyzer cuts off clients that do not read, 4429)
 
-    def _on_text(self, raw: Any) -> None:
-        if not isinstance(raw, str):
-            return
-        try:
-            msg = json.loads(raw)
-        except ValueError:
-            return
-        if not isinstance(msg, dict):
-            return
-        kind = msg.get("type")
-        if kind == "hello":
-            fps = msg.get("video_fps")
-            if isinstance(fps, int | float) and fps > 0:
-                self.video_fps = float(fps)
-            mfb = msg.get("max_frame_bytes")
-            if isinstance(mfb, int) and mfb > 0:
-                self.max_frame_bytes = mfb
-        elif kind == "alert" and isinstance(msg.get("alert"), dict):
+    def _on_message(self, msg: ServerMessage) -> None:
+        # Unknown types and messages that do not validate never get here: StreamConnection skips and counts them.
+        if isinstance(msg, HelloMessage):
+            if msg.video_fps > 0:
+                self.video_fps = msg.video_fps
+            if msg.max_frame_bytes > 0:
+                self.max_frame_bytes = msg.max_frame_bytes
+        elif isinstance(msg, AlertMessage):
             self.counters.alerts += 1
-            self._callback(self.on_alert, msg["alert"])
-        elif kind == "feedback":
+            self._callback(self.on_alert, msg)
+        elif isinstance(msg, FeedbackMessage):
             self.counters.feedback += 1
             self._callback(self.on_feedback, msg)
-        elif kind == "flow":
-            self.flow_paused = msg.get("audio") == "slow_down"
+        elif isinstance(msg, FlowMessage):
+            self.flow_paused = msg.audio == "slow_down"
             self._wake.set()
-        elif kind == "heartbeat":
+        elif isinstance(msg, HeartbeatMessage):
             self.last_heartbeat = msg
-        elif kind == "error":
-            self.counters.server_errors[str(msg.get("code"))] += 1
-            log.debug("session %s: analyzer rejected a message: %s", self.session_id, msg)
-        elif kind == "session_ended":
-            log.info("session %s ended at the analyzer (%s)", self.session_id, msg.get("reason"))
-            self._finish(str(msg.get("reason") or "session_ended"))
+        elif isinstance(msg, ErrorMessage):
+            self.counters.server_errors[msg.code] += 1
+            log.debug("session %s: analyzer rejected a message: %s %s", self.session_id, msg.code, msg.reason)
+        elif isinstance(msg, SessionEndedMessage):
+            log.info("session %s ended at the analyzer (%s)", self.session_id, msg.reason)
+            self._finish(msg.reason or "session_ended")
 
-    def _callback(self, fn: Callable[[dict[str, Any]], None] | None, arg: dict[str, Any]) -> None:
+    def _callback(self, fn: Callable[[Any], None] | None, arg: Any) -> None:
         if fn is None:
             return
         try:

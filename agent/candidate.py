@@ -43,7 +43,10 @@ from livekit_proctor.agent.media import (
 )
 from livekit_proctor.agent.participants import CandidateInfo
 from livekit_proctor.agent.publisher import RoomPublisher
-from livekit_proctor.contracts.wire import ControlEvent
+from livekit_proctor.contracts.alerts import RoomRouting
+from livekit_proctor.contracts.room import RoomFeedback
+from livekit_proctor.contracts.wire import AlertMessage, ControlEvent, FeedbackMessage
+from livekit_proctor.retry import SESSION_START
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +133,15 @@ class CandidateSession:
             "candidate_id": i.candidate_id,
             "exam_id": i.exam_id,
             "frontend_instance_id": i.frontend_instance_id,
-            # Copied into every alert (proctor.contracts.alerts.ROOM_KEYS): where it came from and who watches.
-            "metadata": {
-                "livekit_room": self.room_name,
-                "candidate_identity": self.identity,
-                "proctor_identities": self.proctors(),
-            },
+            # Copied into every alert: where it came from and who watches (the room transport delivers by them).
+            "metadata": RoomRouting(
+                livekit_room=self.room_name, candidate_identity=self.identity, proctor_identities=self.proctors()
+            ).as_metadata(),
         }
 
     async def start(self) -> bool:
         """Starts the analyzer session (retrying while the analyzer is unreachable) and its connection."""
-        delay = 0.5
+        backoff = SESSION_START.backoff()
         while not self.closed:
             try:
                 config = await self.client.start_session(self.start_body())
@@ -153,8 +154,7 @@ class CandidateSession:
                 log.warning("session %s: start failed (%s); retrying", self.session_id, e)
             except httpx.HTTPError as e:
                 log.warning("session %s: analyzer unreachable (%s); retrying", self.session_id, e)
-            await asyncio.sleep(delay)
-            delay = min(10.0, delay * 2)
+            await backoff.sleep()
         else:
             return False
         if self.closed:  # ended (left, room closed) while the start was in flight: undo it
@@ -325,13 +325,14 @@ class CandidateSession:
 
     # ---- analyzer messages
 
-    def _on_alert(self, alert: dict[str, Any]) -> None:
-        self.publisher.alert(alert)
+    def _on_alert(self, msg: AlertMessage) -> None:
+        self.publisher.alert(msg.alert.model_dump(mode="json"))
 
-    def _on_feedback(self, msg: dict[str, Any]) -> None:
-        payload = {"type": "feedback", "exam_session_id": self.session_id}
-        payload.update({k: msg[k] for k in ("code", "message", "incident_id", "ts") if k in msg})
-        self.publisher.feedback(self.identity, payload)
+    def _on_feedback(self, msg: FeedbackMessage) -> None:
+        feedback = RoomFeedback(
+            exam_session_id=self.session_id, code=msg.code, message=msg.message, incident_id=msg.incident_id, ts=msg.ts
+        )
+        self.publisher.feedback(self.identity, feedback)
 
     def _on_stream_ended(self, reason: str) -> None:
         # Keep a reference until done (the loop only holds weak ones).

@@ -4,7 +4,7 @@ The agent owns room messages by default (docs/delivery.md): proctor alerts go to
 the room (topic `proctoring.alert`), candidate feedback only to that candidate (`proctoring.feedback`).
 Recipients are resolved when the packet is sent, so a proctor who joined after the session started gets
 the alerts too. A packet is never sent with an empty recipient list: for publish_data that means everyone,
-candidates included. Packets are reliable and fit in 15 KiB (dispatcher.transports.livekit_room.fit_packet).
+candidates included. Packets are reliable and fit in 15 KiB (the room contract: livekit_proctor.contracts.room).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from livekit_proctor.dispatcher.transports.livekit_room import ALERT_TOPIC, FEEDBACK_TOPIC, fit_packet
+from livekit_proctor.contracts.room import ALERT_TOPIC, FEEDBACK_TOPIC, RoomFeedback, fit_packet
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ class RoomPublisher:
     def alert(self, alert: dict[str, Any]) -> None:
         self._put(ALERT_TOPIC, fit_packet(alert), None)
 
-    def feedback(self, candidate_identity: str, msg: dict[str, Any]) -> None:
+    def feedback(self, candidate_identity: str, msg: RoomFeedback) -> None:
         if not candidate_identity:
             self.counters.no_recipient += 1
             return
-        self._put(FEEDBACK_TOPIC, fit_packet(msg), [candidate_identity])
+        self._put(FEEDBACK_TOPIC, msg.model_dump_json().encode(), [candidate_identity])
 
     def _put(self, topic: str, payload: bytes, to: list[str] | None) -> None:
         if len(self._queue) >= self._max:

@@ -34,7 +34,20 @@ from livekit_proctor.analyzer.rules.limits import IncidentLimiter
 from livekit_proctor.analyzer.rules.policy import effective_policy
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, room_keys, ts_to_iso
 from livekit_proctor.contracts.api import EffectivePolicy, SessionCounters, SessionStartRequest, SessionState
-from livekit_proctor.contracts.wire import AUDIO_SAMPLE_RATE, AUDIO_SAMPLE_WIDTH, CloseCode, ControlEvent, MediaMessage
+from livekit_proctor.contracts.wire import (
+    AUDIO_SAMPLE_RATE,
+    AUDIO_SAMPLE_WIDTH,
+    AlertMessage,
+    CloseCode,
+    ControlEvent,
+    ErrorCode,
+    ErrorMessage,
+    FeedbackMessage,
+    FlowMessage,
+    MediaMessage,
+    ServerMessage,
+    SessionEndedMessage,
+)
 from livekit_proctor.db import AuditRow, SessionRow, utcnow
 from livekit_proctor.dispatcher import retention
 from livekit_proctor.dispatcher.outbox import AlertSink
@@ -127,15 +140,15 @@ class Counters:
 
 
 class Subscriber:
-    """A bounded outgoing queue of JSON messages (one per WebSocket that listens)."""
+    """A bounded outgoing queue of server messages (one per WebSocket that listens)."""
 
     def __init__(self, maxsize: int, media: bool = False) -> None:
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[ServerMessage] = asyncio.Queue(maxsize)
         self.overflowed = False
         self.on_overflow: Callable[[], None] | None = None
         self.media = media  # the media stream connection also gets per-frame errors and flow hints
 
-    def offer(self, msg: dict[str, Any], droppable: bool = False) -> None:
+    def offer(self, msg: ServerMessage, droppable: bool = False) -> None:
         try:
             self.queue.put_nowait(msg)
         except asyncio.QueueFull:
@@ -290,10 +303,10 @@ class LiveSession:
         fill = self.audio_fill()
         if not self.audio_paused_hint and fill >= 0.75:
             self.audio_paused_hint = True
-            self.broadcast({"type": "flow", "audio": "slow_down", "audio_queue_fill": round(fill, 3)})
+            self.broadcast(FlowMessage(audio="slow_down", audio_queue_fill=round(fill, 3)))
         elif self.audio_paused_hint and fill <= 0.25:
             self.audio_paused_hint = False
-            self.broadcast({"type": "flow", "audio": "resume", "audio_queue_fill": round(fill, 3)})
+            self.broadcast(FlowMessage(audio="resume", audio_queue_fill=round(fill, 3)))
 
     def on_control(self, event: str, track: str | None, ts: float) -> None:
         """Track and participant state from the client: CAMERA_OFF, MICROPHONE_OFF, CANDIDATE_DISCONNECTED."""
@@ -365,11 +378,10 @@ class LiveSession:
         self.m.metrics.worker_errors.labels(name).inc()
         log.error("session %s: %s worker failed: %s", self.id, name, e, exc_info=e)
         self.broadcast(
-            {
-                "type": "error",
-                "code": "analysis_error",
-                "reason": f"internal error in this session's {name} work; it was restarted and the session goes on",
-            },
+            ErrorMessage(
+                code=ErrorCode.ANALYSIS_ERROR,
+                reason=f"internal error in this session's {name} work; it was restarted and the session goes on",
+            ),
             droppable=True,
             media_only=True,
         )
@@ -425,7 +437,7 @@ class LiveSession:
             self.reject_frame()
             self.m.metrics.protocol_errors.labels("undecodable_jpeg").inc()
             self.broadcast(
-                {"type": "error", "code": "undecodable_jpeg", "reason": str(e), "seq": msg.seq},
+                ErrorMessage(code=ErrorCode.UNDECODABLE_JPEG, reason=str(e), seq=msg.seq),
                 droppable=True,
                 media_only=True,
             )
@@ -514,7 +526,7 @@ class LiveSession:
                 log.exception("session %s: outbox append failed for %s", self.id, ids)
                 self.m.metrics.outbox_errors.inc()
             for alert in alerts:
-                self.broadcast({"type": "alert", "alert": alert.model_dump(mode="json")})
+                self.broadcast(AlertMessage(alert=alert))
 
     async def _attach_thumbnail(self, ev: RuleEvent) -> None:
         if ev.observation is None or ev.observation.signals is None or ev.observation.signals.preview is None:
@@ -528,12 +540,11 @@ class LiveSession:
         if text and self.feedback.allow(ev.event_type, time.time()):
             self.counters.feedback_sent += 1
             self.broadcast(
-                {"type": "feedback", "code": ev.event_type, "message": text, "incident_id": ev.incident_id,
-                 "ts": time.time()},
+                FeedbackMessage(code=ev.event_type, message=text, incident_id=ev.incident_id, ts=time.time()),
                 media_only=True,
-            )  # fmt: skip
+            )
 
-    def broadcast(self, msg: dict[str, Any], droppable: bool = False, media_only: bool = False) -> None:
+    def broadcast(self, msg: ServerMessage, droppable: bool = False, media_only: bool = False) -> None:
         for sub in list(self.subscribers):
             if media_only and not sub.media:
                 continue
@@ -579,7 +590,7 @@ class LiveSession:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._progress()  # nothing more will be analysed: release waiting pings
-        self.broadcast({"type": "session_ended", "reason": reason})
+        self.broadcast(SessionEndedMessage(reason=reason))
 
     def stop(self) -> None:
         """Stops the workers without ending anything (server shutdown: the state is saved for the restart)."""

@@ -1,14 +1,14 @@
 """WebSocket endpoints: the versioned media stream and the legacy /ws/proctor/... endpoints.
 
-Per message: a bad message is counted, answered with {"type": "error", ...}
-and skipped; the session goes on. Close codes are in proctor.contracts.wire.CloseCode.
+Per message: a bad message is counted, answered with an ErrorMessage and skipped; the session goes on.
+Every server message is a model of proctor.contracts.wire (ServerMessage); close codes are in
+proctor.contracts.wire.CloseCode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from typing import Any
@@ -21,17 +21,23 @@ from livekit_proctor.analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS
 from livekit_proctor.analyzer.jpeg import JpegHeaderError, jpeg_size
 from livekit_proctor.analyzer.sessions import LiveSession, SessionClosed, SessionNotFound, Subscriber
 from livekit_proctor.contracts.wire import (
-    AUDIO_SAMPLE_RATE,
     AUDIO_SAMPLE_WIDTH,
-    PROTOCOL_VERSION,
+    AlertMessage,
     CloseCode,
     ControlMessage,
+    ErrorMessage,
+    HeartbeatMessage,
+    HeartbeatStats,
+    HelloMessage,
     Kind,
     MediaMessage,
     PingMessage,
+    PongMessage,
     ProtocolError,
+    SessionEndedMessage,
     check_capture_time,
     decode_media,
+    encode_server_message,
     parse_text,
 )
 from livekit_proctor.tokens import StreamClaims, TokenError, verify
@@ -136,10 +142,7 @@ class MediaConnection:
 
     def error(self, code: str, reason: str, seq: int | None = None) -> None:
         self.metrics.protocol_errors.labels(code).inc()
-        msg: dict[str, Any] = {"type": "error", "code": code, "reason": reason}
-        if seq is not None:
-            msg["seq"] = seq
-        self.sub.offer(msg, droppable=True)
+        self.sub.offer(ErrorMessage(code=code, reason=reason, seq=seq), droppable=True)
 
     async def run(self) -> None:
         live = self.live
@@ -153,17 +156,14 @@ class MediaConnection:
         self._tasks = [asyncio.create_task(self._sender())]
         if self.legacy_kind is None:  # legacy clients expect no hello or heartbeats on their media sockets
             self.sub.offer(
-                {
-                    "type": "hello",
-                    "protocol_version": PROTOCOL_VERSION,
-                    "session_id": live.id,
-                    "video_fps": live.policy.video_fps,
-                    "max_frame_bytes": self.settings.max_frame_bytes,
-                    "max_frame_pixels": self.settings.max_frame_pixels,
-                    "max_clock_skew_s": self.settings.max_clock_skew_s,
-                    "audio": {"sample_rate": AUDIO_SAMPLE_RATE, "format": "s16le", "channels": 1},
-                    "heartbeat_s": self.settings.heartbeat_s,
-                }
+                HelloMessage(
+                    session_id=live.id,
+                    video_fps=live.policy.video_fps,
+                    max_frame_bytes=self.settings.max_frame_bytes,
+                    max_frame_pixels=self.settings.max_frame_pixels,
+                    max_clock_skew_s=self.settings.max_clock_skew_s,
+                    heartbeat_s=self.settings.heartbeat_s,
+                )
             )
             self._tasks.append(asyncio.create_task(self._heartbeat()))
         try:
@@ -182,9 +182,9 @@ class MediaConnection:
         try:
             while True:
                 msg = await self.sub.queue.get()
-                await self.ws.send_text(json.dumps(msg, separators=(",", ":")))
-                if msg.get("type") == "session_ended":
-                    await _close(self.ws, CloseCode.SESSION_ENDED, f"session ended: {msg.get('reason')}")
+                await self.ws.send_text(encode_server_message(msg))
+                if isinstance(msg, SessionEndedMessage):
+                    await _close(self.ws, CloseCode.SESSION_ENDED, f"session ended: {msg.reason}")
                     return
         except (WebSocketDisconnect, RuntimeError):
             return
@@ -192,10 +192,8 @@ class MediaConnection:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            self.sub.offer(
-                {"type": "heartbeat", "ts": time.time(), "session_id": self.live.id, "stats": self.live.stats()},
-                droppable=True,
-            )
+            stats = HeartbeatStats.model_validate(self.live.stats())
+            self.sub.offer(HeartbeatMessage(ts=time.time(), session_id=self.live.id, stats=stats), droppable=True)
 
     async def _receive_loop(self) -> None:
         while True:
@@ -306,10 +304,7 @@ class MediaConnection:
                 await self.live.settled()
             finally:
                 self._pings -= 1
-            pong: dict[str, Any] = {"type": "pong", "ts": time.time()}
-            if ping_id is not None:
-                pong["id"] = ping_id
-            self.sub.offer(pong)
+            self.sub.offer(PongMessage(ts=time.time(), id=ping_id))
 
         task = asyncio.create_task(answer())
         self._tasks.append(task)
@@ -377,9 +372,9 @@ async def legacy_events(ws: WebSocket, session_id: str) -> None:
                 get.cancel()
                 break
             msg = get.result()
-            if msg.get("type") == "alert":
-                await ws.send_text(json.dumps(msg["alert"], separators=(",", ":")))
-            elif msg.get("type") == "session_ended":
+            if isinstance(msg, AlertMessage):
+                await ws.send_text(msg.alert.model_dump_json())
+            elif isinstance(msg, SessionEndedMessage):
                 await _close(ws, CloseCode.SESSION_ENDED, "session ended")
                 break
     except (WebSocketDisconnect, RuntimeError):

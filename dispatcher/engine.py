@@ -23,7 +23,7 @@ from livekit_proctor import observability
 from livekit_proctor.db import DeadLetterRow
 from livekit_proctor.dispatcher.metrics import DispatchMetrics
 from livekit_proctor.dispatcher.source import OutboxSource
-from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, Transport
+from livekit_proctor.dispatcher.transports.base import DISPATCH, DeliveryError, Envelope, RetryPolicy, Transport
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class FallbackChain:
     def __init__(self, transports: list[Transport], retry: RetryPolicy | None = None) -> None:
         self.transports = transports
         self.name = "fallback"
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DISPATCH
         self.max_batch = min(t.max_batch for t in transports)
         self.used: dict[str, int] = {t.name: 0 for t in transports}
 
@@ -164,7 +164,7 @@ class Dispatcher:
                 st.failed_attempts += 1
                 st.last_error = err.reason
                 self.metrics.failed.labels(t.name).inc()
-                if err.permanent or n >= t.retry.max_attempts:
+                if err.permanent or t.retry.exhausted(n):
                     await self._dead_letter(t.name, head, n, err.reason)
                     await self.source.ack(t.name, [head])
                     st.attempts.pop(head.seq, None)

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy.orm import sessionmaker
@@ -18,14 +19,14 @@ from livekit_proctor.db import make_engine, make_sessionmaker
 from livekit_proctor.dispatcher.engine import Dispatcher, FallbackChain
 from livekit_proctor.dispatcher.metrics import DispatchMetrics
 from livekit_proctor.dispatcher.source import OutboxSource, RedisSource, SqlSource
-from livekit_proctor.dispatcher.transports.base import RetryPolicy, Transport
+from livekit_proctor.dispatcher.transports.base import DISPATCH, Transport
 from livekit_proctor.settings import Settings
 
 log = logging.getLogger("proctor.dispatcher")
 
 
 def build_transports(s: Settings) -> list[Transport]:
-    retry = RetryPolicy(max_attempts=s.dispatch_max_attempts)
+    retry = replace(DISPATCH, max_attempts=s.dispatch_max_attempts)
     out: dict[str, Transport] = {}
     if s.grpc_target:
         from livekit_proctor.dispatcher.transports.grpc import GrpcTransport
@@ -85,7 +86,7 @@ def redis_client(s: Settings) -> Any:
 def build_dispatcher(s: Settings, sm: sessionmaker, metrics: DispatchMetrics | None = None) -> Dispatcher:
     transports = build_transports(s)
     if s.dispatch_mode == "fallback" and len(transports) > 1:
-        lanes: list[Transport] = [FallbackChain(transports, RetryPolicy(max_attempts=s.dispatch_max_attempts))]
+        lanes: list[Transport] = [FallbackChain(transports, replace(DISPATCH, max_attempts=s.dispatch_max_attempts))]
     elif s.dispatch_mode in ("fanout", "fallback"):
         lanes = transports
     else:

@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 import websockets
 
+from livekit_proctor.client import StreamConnection
 from livekit_proctor.contracts import wire
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,56 +179,63 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 class StreamClient:
-    """Speaks the v1 binary protocol; collects every server message with its arrival time."""
+    """A test's v1 connection: livekit_proctor.client.StreamConnection with a background reader that keeps every
+    server message (as the JSON object it arrived as). Every message must parse with the protocol's models and
+    lose nothing to them: a test fails at the end of `connect` otherwise."""
 
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
+    def __init__(self, conn: StreamConnection) -> None:
+        self.conn = conn
+        self.ws = conn.ws  # the raw WebSocket, for what no well-behaved client sends
         self.messages: list[dict[str, Any]] = []
+        self.typed: list[wire.ServerMessage] = []
+        self.bad: list[str] = []  # server messages the models reject, or that they would change
         self.closed: tuple[int, str] | None = None
         self._reader = asyncio.create_task(self._read())
-        self.vseq = 0
-        self.aseq = 0
-        self._ping = 0
 
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, url: str):  # type: ignore[no-untyped-def]
-        async with websockets.connect(url, max_size=None) as ws:
-            c = cls(ws)
+        async with StreamConnection.connect(url, strict=True, max_size=None) as conn:
+            c = cls(conn)
             try:
                 yield c
             finally:
                 c._reader.cancel()
+        assert not c.bad, f"server messages that do not follow the protocol's models: {c.bad[:5]}"
 
     async def _read(self) -> None:
         try:
-            async for m in self.ws:
-                if isinstance(m, str):
-                    d = json.loads(m)
-                    d["_rx"] = time.time()
-                    self.messages.append(d)
+            while True:
+                try:
+                    msg = await self.conn.recv()
+                except wire.ProtocolError as e:
+                    self.bad.append(e.reason)
+                    continue
+                d = json.loads(self.conn.last_text)
+                if d != json.loads(wire.encode_server_message(msg)):
+                    self.bad.append(f"{self.conn.last_text[:300]} (the model keeps {wire.encode_server_message(msg)})")
+                self.typed.append(msg)
+                d["_rx"] = time.time()
+                self.messages.append(d)
         except websockets.ConnectionClosed:
             pass
         finally:
-            if self.ws.close_code is not None:
-                self.closed = (self.ws.close_code, self.ws.close_reason or "")
+            if self.conn.close_code is not None:
+                self.closed = (self.conn.close_code, self.conn.close_reason)
 
     async def video(self, jpeg: bytes, ts: float, seq: int | None = None) -> int:
-        self.vseq = self.vseq + 1 if seq is None else seq
-        await self.ws.send(wire.encode_video(self.vseq, ts, jpeg))
-        return self.vseq
+        return await self.conn.send_video(jpeg, ts, seq)
 
     async def audio(self, pcm: bytes, ts: float) -> None:
-        self.aseq += 1
-        await self.ws.send(wire.encode_audio(self.aseq, ts, pcm))
+        await self.conn.send_audio(pcm, ts)
 
-    async def sync(self, timeout: float = 120.0) -> dict[str, Any]:  # noqa: ASYNC109
+    async def sync(self, timeout: float = 120.0) -> wire.PongMessage:  # noqa: ASYNC109
         """The protocol's ping: the pong comes once everything sent before it has been analysed and its alerts
         sent, so a test waits for the analysis of what it sent, however slow the machine is."""
-        self._ping += 1
-        ping_id = f"sync-{self._ping}"
-        await self.ws.send(json.dumps({"type": "ping", "id": ping_id}))
-        return await self.wait_for(lambda m: m.get("type") == "pong" and m.get("id") == ping_id, timeout)
+        try:
+            return await self.conn.sync(timeout)
+        except TimeoutError:
+            raise AssertionError(f"no pong in {timeout}s; got {[m.get('type') for m in self.messages]}") from None
 
     def of_type(self, t: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("type") == t]

@@ -33,7 +33,7 @@ from livekit_proctor.agent.media import (
 )
 from livekit_proctor.agent.participants import Role, candidate_info, role_of
 from livekit_proctor.agent.room import RoomProctor
-from livekit_proctor.dispatcher.transports.livekit_room import ALERT_TOPIC, FEEDBACK_TOPIC, MAX_RELIABLE_PACKET
+from livekit_proctor.contracts.room import ALERT_TOPIC, FEEDBACK_TOPIC, MAX_RELIABLE_PACKET
 from tests.conftest import SYSTEM_KEY, LiveServer, _free_port, load_rgb
 from tests.conftest import eventually as wait_until
 from tests.fake_room import FakeRoom, FakeStreams, FakeTrack, Published

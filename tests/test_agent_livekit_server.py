@@ -48,7 +48,7 @@ async def test_proctor_receives_the_alert_of_a_candidate_in_a_real_room(tmp_path
 
     from livekit_proctor.agent.config import AgentSettings
     from livekit_proctor.agent.worker import build_server
-    from livekit_proctor.dispatcher.transports.livekit_room import ALERT_TOPIC, FEEDBACK_TOPIC
+    from livekit_proctor.contracts.room import ALERT_TOPIC, FEEDBACK_TOPIC
 
     url, key, secret = (os.environ[v] for v in _VARS)
     tag = uuid.uuid4().hex[:8]

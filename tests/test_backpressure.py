@@ -41,8 +41,8 @@ async def test_audio_bound_blocks_instead_of_dropping(manager: SessionManager) -
     chunk = b"\0" * 3200  # 100 ms; the bound is 1 s
     for i in range(10):
         await live.offer_audio(wire.MediaMessage(wire.Kind.AUDIO, i, time.time(), chunk))
-    hints = [m for m in list(sub.queue._queue) if m["type"] == "flow"]  # type: ignore[attr-defined]
-    assert hints and hints[0]["audio"] == "slow_down"
+    hints = [m for m in list(sub.queue._queue) if isinstance(m, wire.FlowMessage)]  # type: ignore[attr-defined]
+    assert hints and hints[0].audio == "slow_down"
     # The 11th chunk does not fit: the sender waits (TCP backpressure) rather than losing it.
     blocked = asyncio.create_task(live.offer_audio(wire.MediaMessage(wire.Kind.AUDIO, 10, time.time(), chunk)))
     await asyncio.sleep(0.2)
@@ -55,7 +55,7 @@ async def test_audio_bound_blocks_instead_of_dropping(manager: SessionManager) -
             break
         await asyncio.sleep(0.01)
     assert live.counters.audio_bytes == 11 * 3200
-    assert [m for m in list(sub.queue._queue) if m["type"] == "flow"][-1]["audio"] == "resume"  # type: ignore[attr-defined]
+    assert [m for m in list(sub.queue._queue) if isinstance(m, wire.FlowMessage)][-1].audio == "resume"  # type: ignore[attr-defined]
 
 
 async def test_video_latest_wins(manager: SessionManager) -> None:

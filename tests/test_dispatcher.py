@@ -22,7 +22,7 @@ from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransp
 from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer, free_port
 
-FAST = RetryPolicy(max_attempts=3, delays_s=(0.01, 0.02, 0.05), jitter=0.0)
+FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
 
 
 def alert(i: int, session: str = "s1") -> Alert:
@@ -132,7 +132,7 @@ async def test_redis_outbox_shared_by_two_dispatchers_and_claims_a_dead_ones_wor
     sent = [alert(i) for i in range(400)]
     # Dispatcher A reads a batch and dies before acknowledging (no send: its peer is unreachable).
     dead = Dispatcher(RedisSource(aredis.from_url(url), "A", claim_idle_s=0.5),
-                      [RedisStreamTransport(f"redis://127.0.0.1:{free_port()}/0", retry=RetryPolicy(max_attempts=99))],
+                      [RedisStreamTransport(f"redis://127.0.0.1:{free_port()}/0", retry=RetryPolicy(first_s=0.1, max_s=60.0, factor=4.0, max_attempts=99))],
                       sm)  # fmt: skip
     for a in sent[:50]:
         await outbox.publish(a)

@@ -35,7 +35,7 @@ from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer, free_port, wait_port
 
 DAY = 86400.0
-FAST = RetryPolicy(max_attempts=3, delays_s=(0.01, 0.02, 0.05), jitter=0.0)
+FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -40,6 +40,7 @@ from livekit_proctor.dispatcher.transports.kafka import (
     stray_cancel,
     watch_connection_loss,
 )
+from livekit_proctor.retry import CONSUMER_START
 
 log = logging.getLogger("proctor.consumer.kafka")
 
@@ -162,7 +163,7 @@ async def consume(
     stop = stop or asyncio.Event()
     stats = stats if stats is not None else ConsumerStats()
     sink = _Sink(Path(record) if record is not None else None, print_alerts, out or sys.stdout, stats)
-    backoff = 0.2
+    backoff = CONSUMER_START.backoff()
     try:
         while not stop.is_set():
             lost = asyncio.Event()
@@ -195,14 +196,14 @@ async def consume(
             except (Exception, asyncio.CancelledError) as e:
                 if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
                     raise
-                log.warning("kafka consumer cannot start (%r); retrying in %.1fs", e, backoff)
+                delay = backoff.next_delay()
+                log.warning("kafka consumer cannot start (%r); retrying in %.1fs", e, delay)
                 await _close_quietly(consumer)
-                await _sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, 2.0)
+                await _sleep_or_stop(stop, delay)
                 continue
             try:
                 await _poll(consumer, sink, stop, lost)
-                backoff = 0.2
+                backoff.reset()
             except (Exception, asyncio.CancelledError) as e:
                 # UnknownTopicOrPartition, OffsetOutOfRange without reset, coordinator errors, a stopped
                 # consumer, a CancelledError leaked by aiokafka, ...: start over with a fresh consumer.
@@ -211,8 +212,7 @@ async def consume(
                 log.warning("kafka consumer error (%r); reconnecting", e)
                 if not lost.is_set():
                     stats.reconnects += 1
-                await _sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, 2.0)
+                await _sleep_or_stop(stop, backoff.next_delay())
             finally:
                 await _close_quietly(consumer)
     finally:

@@ -15,6 +15,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from livekit_proctor.retry import DISPATCH, RetryPolicy
+
+__all__ = ["DISPATCH", "DeliveryError", "Envelope", "RetryPolicy", "Transport", "TransportStats"]
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
@@ -48,25 +52,9 @@ class DeliveryError(Exception):
         return self.reason
 
 
-@dataclass
-class RetryPolicy:
-    """Backoff between attempts: the seed's 100 ms, 500 ms, 2 s first, then longer; jitter +-20%."""
-
-    max_attempts: int = 5
-    delays_s: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
-    jitter: float = 0.2
-
-    def delay(self, attempt: int) -> float:
-        """Delay before retry number `attempt` (1 = first retry)."""
-        import random
-
-        d = self.delays_s[min(attempt, len(self.delays_s)) - 1]
-        return max(0.0, d * (1 + random.uniform(-self.jitter, self.jitter)))
-
-
 class Transport(Protocol):
     name: str  # "grpc", "kafka", "webhook", "livekit", "redis"
-    retry: RetryPolicy
+    retry: RetryPolicy  # livekit_proctor.retry.DISPATCH unless configured
     max_batch: int  # largest batch send() accepts
 
     async def start(self) -> None:

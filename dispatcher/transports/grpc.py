@@ -29,7 +29,7 @@ import grpc
 import grpc.aio
 from google.protobuf import json_format
 
-from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
+from livekit_proctor.dispatcher.transports.base import DISPATCH, DeliveryError, Envelope, RetryPolicy
 from livekit_proctor.protogen import ensure_generated
 
 ensure_generated()  # regenerates only in a checkout whose .proto files changed since the build
@@ -186,7 +186,7 @@ class GrpcTransport:
         self.server_name = server_name
         self.client_id, self.stream_id = client_id, stream_id
         self.connect_timeout_s, self.ack_timeout_s = connect_timeout_s, ack_timeout_s
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DISPATCH
         self.max_batch = max_batch
         self.typed_alert = typed_alert
         self.keepalive_s = keepalive_s

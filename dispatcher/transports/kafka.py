@@ -39,7 +39,7 @@ from aiokafka.errors import (
 )
 
 from livekit_proctor.contracts.alerts import SCHEMA_VERSION
-from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, TransportStats
+from livekit_proctor.dispatcher.transports.base import DISPATCH, DeliveryError, Envelope, RetryPolicy, TransportStats
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class KafkaTransport:
         self.acks = acks
         self.linger_ms = linger_ms
         self.max_batch = max_batch
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DISPATCH
         self.request_timeout_ms = request_timeout_ms
         self.partitions = partitions
         self.create_topics = create_topics

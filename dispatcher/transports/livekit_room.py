@@ -4,40 +4,18 @@
 Ownership (docs/livekit.md): by default the agent publishes room messages; enable this transport only
 when no agent is used, so a message never reaches the room twice.
 
-Topic `proctoring.alert`, sent only to proctor identities: the session's metadata `proctor_identities`
-(copied into the alert's metadata) or the configured list. Reliable data packets are at most 15 KiB:
-when the alert would not fit, the evidence thumbnail is dropped (`thumbnail_omitted`: true) and, if still
-too large, the evidence is reduced to its scalar values.
+The room contract (topic, packet limit, fit_packet) is livekit_proctor.contracts.room; the routing hints
+(room, proctor identities) are the alert's RoomRouting (livekit_proctor.contracts.alerts), written by the
+agent at session start. Alerts go to the alert's `proctor_identities`, or the configured list.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
-
-MAX_RELIABLE_PACKET = 15 * 1024
-ALERT_TOPIC = "proctoring.alert"
-FEEDBACK_TOPIC = "proctoring.feedback"
-
-
-def fit_packet(alert: dict[str, Any], limit: int = MAX_RELIABLE_PACKET) -> bytes:
-    """The alert as JSON within the reliable-packet limit."""
-    data = json.dumps(alert, separators=(",", ":")).encode()
-    if len(data) <= limit:
-        return data
-    a = dict(alert)
-    ev = dict(a.get("evidence") or {})
-    if ev.pop("thumbnail_jpeg_b64", None) is not None:
-        ev["thumbnail_omitted"] = True
-    a["evidence"] = ev
-    data = json.dumps(a, separators=(",", ":")).encode()
-    if len(data) <= limit:
-        return data
-    a["evidence"] = {k: v for k, v in ev.items() if isinstance(v, str | int | float | bool) or v is None}
-    a["evidence"]["evidence_truncated"] = True
-    return json.dumps(a, separators=(",", ":")).encode()[:limit]
+from livekit_proctor.contracts.alerts import RoomRouting
+from livekit_proctor.contracts.room import ALERT_TOPIC, fit_packet
+from livekit_proctor.dispatcher.transports.base import DISPATCH, DeliveryError, Envelope, RetryPolicy
 
 
 class LiveKitRoomTransport:
@@ -47,7 +25,7 @@ class LiveKitRoomTransport:
                  retry: RetryPolicy | None = None, max_batch: int = 20) -> None:  # fmt: skip
         self.url, self.api_key, self.api_secret = url, api_key, api_secret
         self.proctor_identities = proctor_identities or []
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DISPATCH
         self.max_batch = max_batch
         self._api: Any = None
         self.last_error: str | None = None
@@ -63,14 +41,13 @@ class LiveKitRoomTransport:
 
         for i, e in enumerate(batch):
             alert = e.alert()
-            meta = alert.get("metadata") or {}
-            room_name = meta.get("livekit_room")
-            if not room_name:
+            to = RoomRouting.of_alert(alert)
+            if not to.livekit_room:
                 self.skipped_no_room += 1  # not a LiveKit session: nothing to deliver here
                 continue
-            identities = meta.get("proctor_identities") or self.proctor_identities
+            identities = to.proctor_identities or self.proctor_identities
             req = room.SendDataRequest(
-                room=room_name,
+                room=to.livekit_room,
                 data=fit_packet(alert),
                 kind=models.DataPacket.Kind.RELIABLE,
                 destination_identities=list(identities),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy
+from livekit_proctor.dispatcher.transports.base import DISPATCH, DeliveryError, Envelope, RetryPolicy
 
 
 class RedisStreamTransport:
@@ -16,7 +16,7 @@ class RedisStreamTransport:
         self.url = url
         self.stream = stream
         self.maxlen = maxlen  # approximate trimming; None keeps everything (consumers trim)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DISPATCH
         self.max_batch = max_batch
         self._r: Any = None
         self.last_error: str | None = None

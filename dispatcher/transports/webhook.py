@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from livekit_proctor.dispatcher.transports.base import DeliveryError, Envelope, RetryPolicy, TransportStats
+from livekit_proctor.dispatcher.transports.base import DISPATCH, DeliveryError, Envelope, RetryPolicy, TransportStats
 from livekit_proctor.dispatcher.webhook_signing import validate_secrets, webhook_headers
 
 # 4xx that are about timing, not about the payload: retried (see module docstring).
@@ -109,7 +109,7 @@ class WebhookTransport:
         self.url = url
         self.secrets = list(secrets)
         self.timeout_s = timeout_s
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DISPATCH
         self.max_batch = max_batch
         self.concurrency = concurrency
         self.verify_tls = verify_tls

@@ -17,10 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 SCHEMA_VERSION = "1.0"
 
-# Session metadata keys the analyzer copies into every alert's metadata: the LiveKit room a session came from and
-# who watches it (the agent writes them at session start; the room transport delivers by them).
-ROOM_KEYS = ("livekit_room", "proctor_identities", "candidate_identity")
-
 
 class EventType(StrEnum):
     FACE_NOT_FOUND = "FACE_NOT_FOUND"
@@ -54,7 +50,45 @@ class IncidentState(StrEnum):
     ENDED = "ended"
 
 
-class AlertMetadata(BaseModel):
+class RoomRouting(BaseModel):
+    """Typed routing hints: the LiveKit room a session came from and who watches it.
+
+    The agent writes them into the session metadata at session start (as_metadata()), the analyzer copies them
+    into every alert's metadata (AlertMetadata inherits these fields), and the room transport delivers by them
+    (of_alert()). Sessions started without the agent have none.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    livekit_room: str | None = Field(
+        default=None, description="LiveKit room the session came from (sessions started by the agent)"
+    )
+    proctor_identities: list[str] | None = Field(
+        default=None, description="Room participants the room transport sends the alert to"
+    )
+    candidate_identity: str | None = Field(default=None, description="The candidate's identity in the room")
+
+    def as_metadata(self) -> dict[str, Any]:
+        """The hints as session metadata keys (unset ones left out)."""
+        return {k: v for k in ROOM_KEYS if (v := getattr(self, k)) is not None}
+
+    @classmethod
+    def of(cls, metadata: Mapping[str, Any]) -> RoomRouting:
+        """The hints in session or alert metadata; a value of another type is left out rather than failing."""
+        return cls(**{k: v for k in ROOM_KEYS if (v := metadata.get(k)) is not None and _room_value_ok(k, v)})
+
+    @classmethod
+    def of_alert(cls, alert: Mapping[str, Any]) -> RoomRouting:
+        """The hints of a canonical alert as JSON (an outbox envelope's payload)."""
+        meta = alert.get("metadata")
+        return cls.of(meta) if isinstance(meta, Mapping) else cls()
+
+
+# Session metadata keys the analyzer copies into every alert's metadata (the RoomRouting fields).
+ROOM_KEYS = tuple(RoomRouting.model_fields)
+
+
+class AlertMetadata(RoomRouting):
     model_config = ConfigDict(extra="allow")
 
     node_id: str = Field(description="Analyzer node that produced the alert")
@@ -67,13 +101,11 @@ class AlertMetadata(BaseModel):
     )
     # Optional keys, absent from the message when unset (older messages and consumers know them as extra keys).
     exam_id: str | None = Field(default=None, description="The session's exam_id (live sessions)")
-    livekit_room: str | None = Field(
-        default=None, description="LiveKit room the session came from (sessions started by the agent)"
-    )
-    proctor_identities: list[str] | None = Field(
-        default=None, description="Room participants the room transport sends the alert to"
-    )
-    candidate_identity: str | None = Field(default=None, description="The candidate's identity in the room")
+    # livekit_room, proctor_identities, candidate_identity: from RoomRouting.
+
+    @property
+    def routing(self) -> RoomRouting:
+        return RoomRouting(**{k: getattr(self, k) for k in ROOM_KEYS})
 
     # No return annotation: pydantic would derive the schema of the serialized form from it instead of the fields.
     @model_serializer(mode="wrap")
@@ -110,7 +142,7 @@ def check_room_keys(metadata: Mapping[str, Any]) -> None:
 def room_keys(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The ROOM_KEYS of session metadata for AlertMetadata; a value of another type (a session stored before
     session start checked them) is left out rather than failing every alert."""
-    return {k: v for k in ROOM_KEYS if (v := metadata.get(k)) is not None and _room_value_ok(k, v)}
+    return RoomRouting.of(metadata).as_metadata()
 
 
 def _now_iso() -> str:
