@@ -38,13 +38,22 @@ from typing import Any
 import cv2
 import httpx
 import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from livekit_proctor.contracts.wire import AUDIO_SAMPLE_RATE, encode_audio, encode_video  # noqa: E402
+from livekit_proctor.client import StreamConnection  # noqa: E402
+from livekit_proctor.contracts.alerts import Alert  # noqa: E402
+from livekit_proctor.contracts.wire import (  # noqa: E402
+    AUDIO_SAMPLE_RATE,
+    AlertMessage,
+    ErrorMessage,
+    FeedbackMessage,
+    FlowMessage,
+    HeartbeatMessage,
+    SessionEndedMessage,
+)
 
 DEFAULT_VIDEO = REPO.parent / "shared" / "data" / "video" / "proctoring_ai__center_focus.mp4"
 DEFAULT_AUDIO = (
@@ -310,7 +319,6 @@ class Session:
         self.r = SessionResult(index, f"bench-{run_id}-{index:03d}")
         self.sent_at: dict[int, float] = {}  # video seq -> perf_counter at send
         self.audio_paused = False
-        self.pong = asyncio.Event()
         self.ended = asyncio.Event()
         self.stream_url = ""
         self.token = ""
@@ -327,8 +335,8 @@ class Session:
         await go.wait()
         await asyncio.sleep(delay)
         try:
-            async with connect(
-                f"{self.stream_url}?token={self.token}", max_size=None, compression=None, open_timeout=30
+            async with StreamConnection.connect(
+                self.stream_url, self.token, token_in="query", max_size=None, open_timeout=30
             ) as ws:
                 reader = asyncio.create_task(self._reader(ws))
                 try:
@@ -348,7 +356,7 @@ class Session:
                 with contextlib.suppress(Exception):
                     await self._end()
 
-    async def _stream(self, ws: ClientConnection) -> None:
+    async def _stream(self, ws: StreamConnection) -> None:
         a, m, r = self.args, self.media, self.r
         frame_dt = 1.0 / m.fps
         period, absent_for = a.absent_every, a.absent_for
@@ -370,7 +378,7 @@ class Session:
                 jpeg = m.absent_frame if absent else m.frames[vseq % len(m.frames)]
                 ts = time.time()
                 self.sent_at[vseq] = time.perf_counter()
-                await ws.send(encode_video(vseq, ts, jpeg))
+                await ws.send_video(jpeg, ts, vseq)
                 r.frames_sent += 1
                 r.absent_frames_sent += absent
                 vseq += 1
@@ -381,7 +389,7 @@ class Session:
             if now >= next_audio and not self.audio_paused and aseq < audio_total:
                 chunk = self._audio_chunk(audio_pos)
                 audio_pos = (audio_pos + AUDIO_CHUNK_BYTES) % alen
-                await ws.send(encode_audio(aseq, wall0 + aseq * AUDIO_CHUNK_S, chunk))
+                await ws.send_audio(chunk, wall0 + aseq * AUDIO_CHUNK_S, aseq)
                 r.audio_bytes_sent += len(chunk)
                 aseq += 1
                 next_audio = t0 + (aseq + 1) * AUDIO_CHUNK_S
@@ -393,7 +401,7 @@ class Session:
         while aseq < audio_total:
             chunk = self._audio_chunk(audio_pos)
             audio_pos = (audio_pos + AUDIO_CHUNK_BYTES) % alen
-            await ws.send(encode_audio(aseq, wall0 + aseq * AUDIO_CHUNK_S, chunk))
+            await ws.send_audio(chunk, wall0 + aseq * AUDIO_CHUNK_S, aseq)
             r.audio_bytes_sent += len(chunk)
             aseq += 1
 
@@ -404,12 +412,10 @@ class Session:
             chunk += a[: AUDIO_CHUNK_BYTES - len(chunk)]
         return chunk
 
-    async def _sync(self, ws: ClientConnection) -> None:
-        """An application-level ping: the server answers it after it has taken every earlier message."""
-        self.pong.clear()
-        await ws.send(json.dumps({"type": "ping"}))
+    async def _sync(self, ws: StreamConnection) -> None:
+        """The protocol's ping: the server answers it after it has taken every earlier message."""
         try:
-            await asyncio.wait_for(self.pong.wait(), 15)
+            await ws.sync(15)
         except TimeoutError:
             self.r.errors.append("no pong within 15 s after streaming")
 
@@ -437,57 +443,45 @@ class Session:
             return
         self.r.server["final"] = resp.json()["counters"]
 
-    async def _reader(self, ws: ClientConnection) -> None:
+    async def _reader(self, ws: StreamConnection) -> None:
         r = self.r
         try:
-            async for raw in ws:
+            async for msg in ws:
                 got = time.perf_counter()
-                if isinstance(raw, bytes):
-                    r.errors.append("unexpected binary message from server")
-                    continue
-                msg = json.loads(raw)
-                kind = msg.get("type")
-                if kind == "alert":
-                    self._on_alert(msg["alert"], got)
-                elif kind == "heartbeat":
+                if isinstance(msg, AlertMessage):
+                    self._on_alert(msg.alert, got)
+                elif isinstance(msg, HeartbeatMessage):
                     r.heartbeats += 1
-                elif kind == "flow":
-                    r.flow.append(msg)
-                    if msg.get("audio") == "slow_down":
-                        self.audio_paused = True
-                    elif msg.get("audio") == "resume":
-                        self.audio_paused = False
-                elif kind == "pong":
-                    self.pong.set()
-                elif kind == "feedback":
+                elif isinstance(msg, FlowMessage):
+                    r.flow.append(msg.model_dump(mode="json"))
+                    self.audio_paused = msg.audio == "slow_down"
+                elif isinstance(msg, FeedbackMessage):
                     r.feedback += 1  # candidate feedback (rate-limited by the server)
-                elif kind == "error":
-                    r.errors.append(f"server error {msg.get('code')}: {msg.get('reason')}")
-                elif kind == "session_ended":
+                elif isinstance(msg, ErrorMessage):
+                    r.errors.append(f"server error {msg.code}: {msg.reason}")
+                elif isinstance(msg, SessionEndedMessage):
                     r.got_session_ended = True
                     self.ended.set()
-                elif kind != "hello":
-                    r.errors.append(f"unknown message type {kind!r}")
-        except ConnectionClosed as e:
-            r.close = f"{e.rcvd.code} {e.rcvd.reason}" if e.rcvd else "no close frame"
-        else:
-            r.close = f"{ws.close_code} {ws.close_reason}"
+                # hello, pong (the pong resolves ws.sync())
+            r.close = f"{ws.close_code} {ws.close_reason}" if ws.close_code is not None else "no close frame"
         finally:
+            for what, n in ws.skipped.items():
+                r.errors.append(f"{n} server message(s) skipped: {what}")
             self.ended.set()
             self.audio_paused = False
 
-    def _on_alert(self, alert: dict[str, Any], got: float) -> None:
+    def _on_alert(self, alert: Alert, got: float) -> None:
         r = self.r
-        state = alert.get("incident_state")
+        state = alert.incident_state
         if state == "ended":
             r.alerts_ended += 1
             return
         if state != "started":
             return
         r.alerts_started += 1
-        et = str(alert.get("event_type"))
+        et = str(alert.event_type)
         r.alerts_by_type[et] = r.alerts_by_type.get(et, 0) + 1
-        seq = (alert.get("evidence") or {}).get("trigger_frame_seq")
+        seq = alert.evidence.get("trigger_frame_seq")
         sent = self.sent_at.get(seq) if isinstance(seq, int) else None
         if sent is None:
             r.unmatched_alerts += 1
