@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,13 @@ from livekit_proctor.db import DeadLetterRow, make_engine, make_sessionmaker
 from livekit_proctor.dispatcher.engine import Dispatcher
 from livekit_proctor.dispatcher.outbox import RedisOutbox, SqlOutbox
 from livekit_proctor.dispatcher.source import STREAM, RedisSource, SqlSource
-from livekit_proctor.dispatcher.transports.base import RetryPolicy
+from livekit_proctor.dispatcher.transports.base import DISPATCH, RetryPolicy
 from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransport
 from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer, free_port
 
 FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
+SLOW = replace(DISPATCH, max_attempts=99)
 
 
 def alert(i: int, session: str = "s1") -> Alert:
@@ -132,7 +134,7 @@ async def test_redis_outbox_shared_by_two_dispatchers_and_claims_a_dead_ones_wor
     sent = [alert(i) for i in range(400)]
     # Dispatcher A reads a batch and dies before acknowledging (no send: its peer is unreachable).
     dead = Dispatcher(RedisSource(aredis.from_url(url), "A", claim_idle_s=0.5),
-                      [RedisStreamTransport(f"redis://127.0.0.1:{free_port()}/0", retry=RetryPolicy(first_s=0.1, max_s=60.0, factor=4.0, max_attempts=99))],
+                      [RedisStreamTransport(f"redis://127.0.0.1:{free_port()}/0", retry=SLOW)],
                       sm)  # fmt: skip
     for a in sent[:50]:
         await outbox.publish(a)

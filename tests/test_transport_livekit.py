@@ -16,8 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
-from livekit_proctor.dispatcher.transports.base import Envelope
 from livekit_proctor.contracts.room import ALERT_TOPIC, MAX_RELIABLE_PACKET, fit_packet
+from livekit_proctor.dispatcher.transports.base import Envelope
 from livekit_proctor.dispatcher.transports.livekit_room import LiveKitRoomTransport
 from tests.servers import free_port
 
