@@ -246,9 +246,8 @@ def test_serve_logs_json_and_flushes_its_spans_on_sigterm(tmp_path: Path) -> Non
     OTEL_TRACES_EXPORTER=console a frame's spans reach the exporter (stdout) although uvicorn ends the
     process by re-raising SIGTERM, which skips atexit."""
     import httpx
-    import websockets
 
-    from livekit_proctor.contracts import wire
+    from livekit_proctor.client import StreamConnection
     from tests.conftest import _free_port
 
     port = _free_port()
@@ -262,8 +261,8 @@ def test_serve_logs_json_and_flushes_its_spans_on_sigterm(tmp_path: Path) -> Non
     )  # fmt: skip
 
     async def one_frame(cfg: dict[str, Any]) -> None:
-        async with websockets.connect(stream_url(cfg)) as ws:
-            await ws.send(wire.encode_video(1, time.time(), black_jpeg()))
+        async with StreamConnection.connect(stream_url(cfg)) as conn:
+            await conn.send_video(black_jpeg(), time.time())
             await eventually(
                 lambda: c.get("/api/v1/session/cli-1").json()["counters"]["frames_analysed"], what="a frame"
             )
