@@ -276,7 +276,7 @@ async def close_of(url: str) -> tuple[int, str]:
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 60)
         assert ws.close_code is not None
-        return ws.close_code, ws.close_reason
+        return ws.close_code, ws.close_reason or ""
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from livekit_proctor.agent.analyzer_client import AnalyzerClient, SessionStream
 from livekit_proctor.client import StreamConnection
 from livekit_proctor.client import stream_url as stream_url_of
 from livekit_proctor.contracts import wire
-from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType, RoomRouting, room_keys
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, RoomRouting, room_keys
 from tests.conftest import REPO, LiveServer, StreamClient, black_jpeg, stream_url
 
 TYPES = {m.model_fields["type"].default: m for m in wire.SERVER_MESSAGES}
@@ -83,7 +83,7 @@ def _alert() -> Alert:
         ai_model_source="test",
         metadata=AlertMetadata(node_id="n", worker_id="w", **room_keys(routing.as_metadata())),
         incident_id="i1",
-        incident_state="started",
+        incident_state=IncidentState.STARTED,
     )
 
 
