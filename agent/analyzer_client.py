@@ -1,4 +1,4 @@
-"""The agent's side of the analyzer protocol (docs/protocol.md): REST over httpx, one WebSocket per session.
+"""The agent's side of the analyzer protocol (docs/protocol.md): one WebSocket per session, kept connected.
 
 SessionStream keeps one candidate's session connected:
 
@@ -18,8 +18,8 @@ SessionStream keeps one candidate's session connected:
 A chunk that ws.send() accepted just before the connection died may still be lost: the protocol has no
 acknowledgements. What the agent guarantees is that nothing it buffered during an outage is lost.
 
-The protocol itself (connecting with the token, encoding media, typed server messages) is
-livekit_proctor.client.StreamConnection, shared with the tests and bench/loadgen.py.
+The protocol itself (REST calls, connecting with the token, encoding media, typed server messages) is
+livekit_proctor.client (AnalyzerClient, StreamConnection), shared with the tests and bench/loadgen.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from livekit_proctor.client import StreamConnection, stream_url
+from livekit_proctor.client import AnalyzerClient, AnalyzerError, StreamConnection
 from livekit_proctor.contracts.wire import (
     AUDIO_SAMPLE_RATE,
     AUDIO_SAMPLE_WIDTH,
@@ -58,59 +58,6 @@ log = logging.getLogger(__name__)
 
 TOKEN_MARGIN_S = 30.0  # refresh a token this long before it expires
 _ENDING = {int(CloseCode.UNKNOWN_SESSION): "unknown_session", int(CloseCode.SESSION_ENDED): "session_ended"}
-
-
-class AnalyzerError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"analyzer answered {status}: {message}")
-        self.status = status
-
-
-class AnalyzerClient:
-    """REST calls with a system API key."""
-
-    def __init__(self, base_url: str, api_key: str | None, *, timeout: float = 10.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout, trust_env=False)
-
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        r = await self._http.request(method, path, json=body)
-        if r.status_code >= 400:
-            raise AnalyzerError(r.status_code, r.text[:500])
-        return r.json()
-
-    async def start_session(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("POST", "/api/v1/session/start", body)
-
-    async def refresh_token(self, session_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/api/v1/session/{session_id}/token")
-
-    async def end_session(self, session_id: str) -> dict[str, Any] | None:
-        try:
-            return await self._call("POST", f"/api/v1/session/{session_id}/end")
-        except AnalyzerError as e:
-            if e.status == 404:
-                return None
-            raise
-
-    async def session(self, session_id: str) -> dict[str, Any]:
-        return await self._call("GET", f"/api/v1/session/{session_id}")
-
-    async def ready(self) -> bool:
-        try:
-            r = await self._http.get("/.well-known/ready")
-            return r.status_code == 200 and bool(r.json().get("ready"))
-        except (httpx.HTTPError, ValueError):
-            return False
-
-    def stream_url(self, session_id: str) -> str:
-        # Built from the agent's own analyzer URL, not the advertised stream_url: that one is for browsers
-        # (PROCTOR_PUBLIC_URL) and may not be reachable from inside the cluster.
-        return stream_url(self.base_url, session_id)
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
 
 def _expiry(config: dict[str, Any]) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from livekit import rtc
 
-from livekit_proctor.agent.analyzer_client import AnalyzerClient, AnalyzerError, SessionStream
+from livekit_proctor.agent.analyzer_client import SessionStream
 from livekit_proctor.agent.config import AgentSettings
 from livekit_proctor.agent.load import ACTIVE_SESSIONS, SessionCount
 from livekit_proctor.agent.media import (
@@ -43,6 +43,7 @@ from livekit_proctor.agent.media import (
 )
 from livekit_proctor.agent.participants import CandidateInfo
 from livekit_proctor.agent.publisher import RoomPublisher
+from livekit_proctor.client import AnalyzerClient, AnalyzerError
 from livekit_proctor.contracts.alerts import RoomRouting
 from livekit_proctor.contracts.room import RoomFeedback
 from livekit_proctor.contracts.wire import AlertMessage, ControlEvent, FeedbackMessage

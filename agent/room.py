@@ -23,13 +23,13 @@ import asyncio
 import logging
 from typing import Any
 
-from livekit_proctor.agent.analyzer_client import AnalyzerClient
 from livekit_proctor.agent.candidate import STREAMED, CandidateSession, source_name
 from livekit_proctor.agent.config import AgentSettings
 from livekit_proctor.agent.load import ACTIVE_SESSIONS, SessionCount
 from livekit_proctor.agent.media import MediaStreams, SdkStreams
 from livekit_proctor.agent.participants import Role, candidate_info, role_of
 from livekit_proctor.agent.publisher import RoomPublisher
+from livekit_proctor.client import AnalyzerClient
 from livekit_proctor.contracts.wire import ControlEvent
 
 log = logging.getLogger(__name__)

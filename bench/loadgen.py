@@ -43,7 +43,7 @@ from websockets.exceptions import ConnectionClosed
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from livekit_proctor.client import StreamConnection  # noqa: E402
+from livekit_proctor.client import AnalyzerClient, AnalyzerError, StreamConnection  # noqa: E402
 from livekit_proctor.contracts.alerts import Alert  # noqa: E402
 from livekit_proctor.contracts.wire import (  # noqa: E402
     AUDIO_SAMPLE_RATE,
@@ -310,12 +310,10 @@ class SessionResult:
 
 
 class Session:
-    def __init__(
-        self, index: int, args: argparse.Namespace, media: Media, http: httpx.AsyncClient, run_id: str
-    ) -> None:
+    def __init__(self, index: int, args: argparse.Namespace, media: Media, client: AnalyzerClient, run_id: str) -> None:
         self.args = args
         self.media = media
-        self.http = http
+        self.client = client
         self.r = SessionResult(index, f"bench-{run_id}-{index:03d}")
         self.sent_at: dict[int, float] = {}  # video seq -> perf_counter at send
         self.audio_paused = False
@@ -325,10 +323,10 @@ class Session:
 
     async def start(self) -> None:
         body = {"exam_session_id": self.r.session_id, "candidate_id": f"cand-{self.r.index}", "exam_id": "bench"}
-        resp = await self.http.post("/api/v1/session/start", json=body)
-        if resp.status_code != 200:
-            raise BenchError(f"session start failed: {resp.status_code} {resp.text[:300]}", EXIT_SERVER)
-        cfg = resp.json()
+        try:
+            cfg = await self.client.start_session(body)
+        except AnalyzerError as e:
+            raise BenchError(f"session start failed: {e}", EXIT_SERVER) from None
         self.stream_url, self.token = cfg["stream_url"], cfg["stream_token"]
 
     async def run(self, delay: float, go: asyncio.Event) -> None:
@@ -424,11 +422,11 @@ class Session:
         deadline = time.monotonic() + 5
         state: dict[str, Any] = {}
         while True:
-            resp = await self.http.get(f"/api/v1/session/{self.r.session_id}")
-            if resp.status_code != 200:
-                self.r.errors.append(f"GET session: {resp.status_code} {resp.text[:200]}")
+            try:
+                state = await self.client.session(self.r.session_id)
+            except AnalyzerError as e:
+                self.r.errors.append(f"GET session: {e}")
                 return
-            state = resp.json()
             c = state["counters"]
             done = round(c["audio_seconds"], 2) >= round(self.r.audio_s_sent, 2)
             if done or time.monotonic() > deadline:
@@ -437,11 +435,15 @@ class Session:
         self.r.server["live"] = state["counters"]
 
     async def _end(self) -> None:
-        resp = await self.http.post(f"/api/v1/session/{self.r.session_id}/end")
-        if resp.status_code != 200:
-            self.r.errors.append(f"end: {resp.status_code} {resp.text[:200]}")
+        try:
+            state = await self.client.end_session(self.r.session_id)
+        except AnalyzerError as e:
+            self.r.errors.append(f"end: {e}")
             return
-        self.r.server["final"] = resp.json()["counters"]
+        if state is None:
+            self.r.errors.append("end: the session is unknown to the server (404)")
+            return
+        self.r.server["final"] = state["counters"]
 
     async def _reader(self, ws: StreamConnection) -> None:
         r = self.r
@@ -720,9 +722,9 @@ async def run(args: argparse.Namespace) -> int:
     try:
         if server:
             await server.wait_ready(args.ready_timeout)
-        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30.0) as http:
+        async with AnalyzerClient(base, key, timeout=30.0) as client:
             try:
-                ready = await http.get("/.well-known/ready")
+                ready = await client.http.get("/.well-known/ready")
             except httpx.HTTPError as e:
                 raise BenchError(f"server {base} not reachable: {e}", EXIT_SERVER) from None
             if ready.status_code != 200:
@@ -730,7 +732,7 @@ async def run(args: argparse.Namespace) -> int:
             print(f"server {base} ready: {ready.json()}", file=sys.stderr)
 
             run_id = uuid.uuid4().hex[:8]
-            sessions = [Session(i, args, media, http, run_id) for i in range(args.sessions)]
+            sessions = [Session(i, args, media, client, run_id) for i in range(args.sessions)]
             started: list[Session] = []
             try:
                 for s in sessions:
@@ -753,7 +755,7 @@ async def run(args: argparse.Namespace) -> int:
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             await sampler.stop()
             _, hwm = proc_rss_kib(pid) if pid is not None else (None, None)
-            metrics = await scrape_metrics(http)
+            metrics = await scrape_metrics(client.http)
     finally:
         rc_server = server.stop() if server else None
     server_errors = server.error_lines() if server else []

@@ -1,5 +1,6 @@
-"""The client side of the v1 stream protocol (docs/protocol.md), shared by the agent, the tests and
-bench/loadgen.py.
+"""The client side of the v1 protocol (docs/protocol.md), shared by the agent, the tests and bench/loadgen.py:
+AnalyzerClient for the REST calls of a backend (session start, token, end, state), StreamConnection for the
+media WebSocket.
 
     async with StreamConnection.connect(stream_url, stream_token) as conn:
         hello = await conn.recv()                        # a HelloMessage
@@ -26,6 +27,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import httpx
 import websockets
 from websockets.exceptions import ConnectionClosed
 
@@ -73,6 +75,65 @@ def _open(url: str, token: str | None, token_in: Literal["header", "query"], **o
     elif headers:  # pragma: no cover
         kw["extra_headers"] = headers
     return _ws_connect(url, **kw)
+
+
+class AnalyzerError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"analyzer answered {status}: {message}")
+        self.status = status
+
+
+class AnalyzerClient:
+    """REST calls with an API key (role `system` or `admin`); `http` for other routes (/metrics, ...)."""
+
+    def __init__(self, base_url: str, api_key: str | None, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout, trust_env=False)
+
+    async def __aenter__(self) -> AnalyzerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        r = await self.http.request(method, path, json=body)
+        if r.status_code >= 400:
+            raise AnalyzerError(r.status_code, r.text[:500])
+        return r.json()
+
+    async def start_session(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._call("POST", "/api/v1/session/start", body)
+
+    async def refresh_token(self, session_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/api/v1/session/{session_id}/token")
+
+    async def end_session(self, session_id: str) -> dict[str, Any] | None:
+        try:
+            return await self._call("POST", f"/api/v1/session/{session_id}/end")
+        except AnalyzerError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/api/v1/session/{session_id}")
+
+    async def ready(self) -> bool:
+        try:
+            r = await self.http.get("/.well-known/ready")
+            return r.status_code == 200 and bool(r.json().get("ready"))
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def stream_url(self, session_id: str) -> str:
+        # Built from the agent's own analyzer URL, not the advertised stream_url: that one is for browsers
+        # (PROCTOR_PUBLIC_URL) and may not be reachable from inside the cluster.
+        return stream_url(self.base_url, session_id)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
 
 class StreamConnection:

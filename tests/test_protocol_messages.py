@@ -22,8 +22,8 @@ import pytest
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
-from livekit_proctor.agent.analyzer_client import AnalyzerClient, SessionStream
-from livekit_proctor.client import StreamConnection
+from livekit_proctor.agent.analyzer_client import SessionStream
+from livekit_proctor.client import AnalyzerClient, StreamConnection
 from livekit_proctor.client import stream_url as stream_url_of
 from livekit_proctor.contracts import wire
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType, IncidentState, RoomRouting, room_keys
