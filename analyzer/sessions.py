@@ -52,6 +52,7 @@ from livekit_proctor.db import AuditRow, SessionRow, utcnow
 from livekit_proctor.dispatcher import retention
 from livekit_proctor.dispatcher.outbox import AlertSink
 from livekit_proctor.observability import session_context
+from livekit_proctor.retry import WORKER_RESTART
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ class LiveSession:
 
     async def _supervise(self, name: str, worker: Callable[[], Awaitable[None]]) -> None:
         """Runs a worker for the life of the session; an exception is reported and the worker restarted."""
-        failures = 0
+        backoff = WORKER_RESTART.backoff()
         while True:
             try:
                 await worker()
@@ -397,9 +398,8 @@ class LiveSession:
                 raise
             except Exception as e:
                 self._worker_failed(name, e)
-                failures += 1
                 # Back off when it keeps failing, so a poisoned session cannot spin a core.
-                await asyncio.sleep(min(5.0, 0.05 * 2 ** min(failures, 7)))
+                await backoff.sleep()
 
     async def _watchdog(self) -> None:
         """Once a second: CAMERA_OFF when frames stop for camera_timeout_s, and the control rules' grace periods."""

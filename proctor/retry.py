@@ -1,7 +1,8 @@
 """The one retry / backoff policy: exponential delays with a cap and proportional jitter.
 
 Used by the dispatcher (delay before retrying a transport's batch, dead-letter after max_attempts), the
-agent (reconnecting its analyzer stream, retrying a session start) and the reference Kafka consumer. The
+agent (reconnecting its analyzer stream, retrying a session start), the analyzer (restarting a session's
+failing worker) and the reference Kafka consumer. The
 retry loops themselves differ too much for a generic retry decorator (partial delivery, close codes that end
 the loop, a delay reset after a good connection), so they share this policy object and nothing else.
 """
@@ -80,3 +81,4 @@ DISPATCH = RetryPolicy(first_s=0.1, max_s=60.0, factor=4.0, jitter=0.2, max_atte
 RECONNECT = RetryPolicy(first_s=0.2, max_s=10.0, factor=2.0, jitter=0.2)  # agent -> analyzer WebSocket
 SESSION_START = RetryPolicy(first_s=0.5, max_s=10.0, factor=2.0, jitter=0.2)  # agent: session start
 CONSUMER_START = RetryPolicy(first_s=0.2, max_s=2.0, factor=2.0, jitter=0.2)  # reference consumers
+WORKER_RESTART = RetryPolicy(first_s=0.1, max_s=5.0, factor=2.0, jitter=0.2)  # a session's failing worker
