@@ -20,7 +20,7 @@ from livekit_proctor.analyzer.sessions.fanout import Fanout
 from livekit_proctor.contracts.alerts import Alert, IncidentState
 from livekit_proctor.contracts.outbox import AlertSink, AlsoWrite
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # livekit_proctor.analyzer.sessions, as docs/operations.md shows
 
 
 class AlertEmitter:

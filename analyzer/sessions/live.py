@@ -29,7 +29,7 @@ from livekit_proctor.observability import session_context
 if TYPE_CHECKING:
     from livekit_proctor.analyzer.sessions.manager import SessionManager
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # livekit_proctor.analyzer.sessions, as docs/operations.md shows
 
 Frame = tuple[MediaMessage, float, int]  # (message, arrival perf_counter, its number among frames offered)
 

@@ -29,7 +29,7 @@ from livekit_proctor.contracts.outbox import AlertSink
 from livekit_proctor.contracts.wire import CloseCode
 from livekit_proctor.db import SessionRow, utcnow
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # livekit_proctor.analyzer.sessions, as docs/operations.md shows
 
 
 class SessionManager:
