@@ -24,8 +24,8 @@ def _observe(fmt: str, level: str, service: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from livekit_proctor.analyzer.app import create_app
     from livekit_proctor.settings import Settings
+    from livekit_proctor.wiring import analyzer_app
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     # frame gets a clear error reply; only absurd messages are cut at this level.
     ws_max = 4 * max(settings.max_frame_bytes, settings.max_audio_chunk_bytes) + 64
     uvicorn.run(
-        create_app(settings),
+        analyzer_app(settings),
         host=settings.host,
         port=settings.port,
         ws_max_size=ws_max,
