@@ -517,9 +517,9 @@ class LiveSession:
                 self.broadcast({"type": "alert", "alert": alert.model_dump(mode="json")})
 
     async def _attach_thumbnail(self, ev: RuleEvent) -> None:
-        if ev.observation is None or ev.observation.signals is None or ev.observation.signals.preview is None:
+        if ev.preview is None:
             return
-        thumb = await asyncio.to_thread(thumbnail_b64, ev.observation.signals.preview)
+        thumb = await asyncio.to_thread(thumbnail_b64, ev.preview)
         if thumb:
             ev.evidence["thumbnail_jpeg_b64"] = thumb
 

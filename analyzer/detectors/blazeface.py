@@ -27,9 +27,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
+from pydantic import Field
 
 from livekit_proctor.analyzer.detectors.base import Box, Face, check_rgb
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.signals import Signals
+from livekit_proctor.analyzer.stages import Stage, StageSettings
 
 KEYPOINT_NAMES: tuple[str, ...] = (
     "right_eye",
@@ -294,3 +297,28 @@ class BlazeFaceDetector:
         # weighted_nms already returns best first; sort again to make it a contract.
         faces.sort(key=lambda f: f.score, reverse=True)
         return faces
+
+
+# ---- the stage (analyzer/stages.py)
+
+
+class FaceSettings(StageSettings):
+    face_model: str = Field(default="full", description="BlazeFace variant: full (counting) or short")
+    face_score_threshold: float = Field(default=0.4, description="BlazeFace score threshold")
+
+
+class FaceStage(Stage):
+    """Faces on every analysed frame; the other stages and the rules build on it."""
+
+    name = "face"
+    writes = "faces"
+    required = True
+    settings_model = FaceSettings
+
+    def __init__(self, settings: FaceSettings) -> None:
+        super().__init__(settings)
+        self.detector = BlazeFaceDetector(variant=settings.face_model, score_threshold=settings.face_score_threshold)
+        self.model, self.verified = self.detector.name, self.detector.verified
+
+    def run(self, media: np.ndarray, signals: Signals) -> list[Face]:
+        return self.detector.detect(media)

@@ -38,10 +38,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
+from pydantic import Field
 
 from livekit_proctor.analyzer.detectors.base import BodyPose, check_rgb
 from livekit_proctor.analyzer.detectors.blazeface import ssd_anchors, weighted_nms
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.signals import Signals
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings
 
 # mediapipe.solutions.pose.PoseLandmark, lower case, in model output order.
 KEYPOINT_NAMES: tuple[str, ...] = (
@@ -384,3 +387,34 @@ def hand_near_ear(
         return False, math.inf
     ratio = min(math.hypot(e[0] - p[0], e[1] - p[1]) for e in ears for p in hands) / width
     return ratio <= max_dist_ratio, ratio
+
+
+# ---- the stage (analyzer/stages.py)
+
+
+class PoseSettings(StageSettings):
+    body_pose: bool = Field(default=True, description="Body pose: shoulders in frame, hand near ear")
+    pose_fps: float = Field(default=2.0, gt=0, description="Body pose runs per second per session")
+
+
+class PoseStage(Stage):
+    """The candidate's body pose at pose_fps (None when no body is found)."""
+
+    name = "pose"
+    writes = "pose"
+    settings_model = PoseSettings
+
+    def __init__(self, settings: PoseSettings) -> None:
+        super().__init__(settings)
+        self.estimator = MediapipePose()
+        self.model, self.verified = self.estimator.name, self.estimator.verified
+
+    @classmethod
+    def enabled(cls, settings: PoseSettings) -> bool:
+        return settings.body_pose
+
+    def due(self) -> Due:
+        return Due(interval_s=1.0 / self.settings.pose_fps)
+
+    def run(self, media: np.ndarray, signals: Signals) -> BodyPose | None:
+        return self.estimator.estimate(media)
