@@ -123,8 +123,11 @@ class ModelSet:
         return SimpleNamespace(name=self.source)
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {name: None for name in self.off}
-        d.update({s.name: s.model for s in self.stages})
+        loaded = {s.name: s.model for s in self.stages}
+        d: dict[str, Any] = {
+            c.name: loaded.get(c.name) for c in registered_stages() if c.name in loaded or c.name in self.off
+        }
+        d.update(loaded)  # stages passed in that are not registered
         d["models_verified"] = all(s.verified for s in self.stages)
         return d
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from copy import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -20,6 +21,7 @@ import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from livekit_proctor.analyzer.signals import Signals
+from livekit_proctor.settings import Settings
 
 Media = Literal["video", "audio"]
 
@@ -29,6 +31,12 @@ class StageSettings(BaseSettings):
     same name in the service's Settings, when there is one, wins, so `proctor config` shows the built-ins."""
 
     model_config = SettingsConfigDict(env_prefix="PROCTOR_", env_file=".env", extra="ignore")
+
+
+def service_setting(name: str) -> Any:
+    """The field `name` of proctor/settings.py, for a stage whose setting the service lists (`proctor config`,
+    docs/operations.md): declared once there, typed and validated the same in the stage."""
+    return copy(Settings.model_fields[name])
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,12 +27,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
-from pydantic import Field
 
 from livekit_proctor.analyzer.detectors.base import Box, Face, check_rgb
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
 from livekit_proctor.analyzer.signals import Signals
-from livekit_proctor.analyzer.stages import Stage, StageSettings
+from livekit_proctor.analyzer.stages import Stage, StageSettings, service_setting
 
 KEYPOINT_NAMES: tuple[str, ...] = (
     "right_eye",
@@ -303,8 +302,8 @@ class BlazeFaceDetector:
 
 
 class FaceSettings(StageSettings):
-    face_model: str = Field(default="full", description="BlazeFace variant: full (counting) or short")
-    face_score_threshold: float = Field(default=0.4, description="BlazeFace score threshold")
+    face_model: str = service_setting("face_model")
+    face_score_threshold: float = service_setting("face_score_threshold")
 
 
 class FaceStage(Stage):

@@ -42,12 +42,11 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 from ai_edge_litert.interpreter import Interpreter
 from flatbuffers import flexbuffers
-from pydantic import Field
 
 from livekit_proctor.analyzer.detectors.base import Face, FaceMesh, Gaze, HeadPose, check_rgb
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
 from livekit_proctor.analyzer.signals import Signals
-from livekit_proctor.analyzer.stages import Due, Stage, StageSettings
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_setting
 
 MODEL_NAME = "face_landmark_with_attention"
 MODEL_FILE = "face_landmark_with_attention.tflite"
@@ -595,7 +594,7 @@ class MediapipeFaceMesh:
 
 
 class FaceMeshSettings(StageSettings):
-    face_mesh: bool = Field(default=True, description="Face mesh with iris: head pose and gaze")
+    face_mesh: bool = service_setting("face_mesh")
 
 
 class FaceMeshStage(Stage):

@@ -34,12 +34,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-from pydantic import Field
 
 from livekit_proctor.analyzer.detectors.base import Box, Detection, ObjectDetector, check_rgb
 from livekit_proctor.analyzer.detectors.manifest import models_dir, verify
 from livekit_proctor.analyzer.signals import Signals
-from livekit_proctor.analyzer.stages import Due, Stage, StageSettings
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_setting
 
 COCO_CLASSES: tuple[str, ...] = (
     "person",
@@ -554,14 +553,9 @@ def load_object_detector(spec: str = "nanodet", **kwargs: Any) -> ObjectDetector
 
 
 class ObjectsSettings(StageSettings):
-    objects_model: str = Field(
-        default="nanodet",
-        description="Person / phone detector: nanodet (shipped), yolo:/path/model.onnx, ultralytics:/path.pt, none",
-    )
-    objects_fps: float = Field(default=1.0, gt=0, description="Object detector runs per second per session")
-    motion_threshold: float = Field(
-        default=3.0, ge=0, description="Object detection skipped while the scene moves less than this (grey levels)"
-    )
+    objects_model: str = service_setting("objects_model")
+    objects_fps: float = service_setting("objects_fps")
+    motion_threshold: float = service_setting("motion_threshold")
 
 
 class ObjectsStage(Stage):

@@ -38,13 +38,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
-from pydantic import Field
 
 from livekit_proctor.analyzer.detectors.base import BodyPose, check_rgb
 from livekit_proctor.analyzer.detectors.blazeface import ssd_anchors, weighted_nms
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
 from livekit_proctor.analyzer.signals import Signals
-from livekit_proctor.analyzer.stages import Due, Stage, StageSettings
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_setting
 
 # mediapipe.solutions.pose.PoseLandmark, lower case, in model output order.
 KEYPOINT_NAMES: tuple[str, ...] = (
@@ -393,8 +392,8 @@ def hand_near_ear(
 
 
 class PoseSettings(StageSettings):
-    body_pose: bool = Field(default=True, description="Body pose: shoulders in frame, hand near ear")
-    pose_fps: float = Field(default=2.0, gt=0, description="Body pose runs per second per session")
+    body_pose: bool = service_setting("body_pose")
+    pose_fps: float = service_setting("pose_fps")
 
 
 class PoseStage(Stage):

@@ -10,12 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
-from pydantic import Field
 
 from livekit_proctor.analyzer.detectors.base import check_rgb
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
 from livekit_proctor.analyzer.signals import Signals
-from livekit_proctor.analyzer.stages import Due, Stage, StageSettings
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_setting
 
 # Pixels with a person probability above this count as person.
 MASK_THRESHOLD = 0.5
@@ -62,7 +61,7 @@ class SelfieSegmenter:
 
 
 class SegmentationSettings(StageSettings):
-    segmentation: bool = Field(default=True, description="Person segmentation when no face is found (presence)")
+    segmentation: bool = service_setting("segmentation")
 
 
 class SegmentationStage(Stage):
