@@ -94,6 +94,21 @@ def test_dark_frames_raise_too_dark_and_light_ends_it(extended: None) -> None:
     assert engine.risk.explain(events[-1].ts)["top_incidents"][0]["event_type"] == "TOO_DARK"
 
 
+def test_registered_rule_state_survives_a_restart(extended: None) -> None:
+    models = ModelSet.load(face_mesh=False, objects_model="none", body_pose=False, segmentation=False)
+    req = SessionStartRequest(exam_session_id="s", candidate_id="c", exam_id="e", calibration_s=0)
+    policy = effective_policy(req, 5.0)
+    before, clock = RuleEngine(policy), ModelClock()
+    started = [ev for i in range(15) for ev in before.observe(models.analyze_rgb(_rgb(10), i, i / 5, clock))]
+    state = json.loads(json.dumps(before.snapshot()))  # what the session row keeps
+    assert "TOO_DARK" in state["rules"]
+    after = RuleEngine(policy)
+    after.restore(state)
+    ended = [ev for i in range(15, 25) for ev in after.observe(models.analyze_rgb(_rgb(200), i, i / 5, clock))]
+    dark = [ev for ev in [*started, *ended] if ev.event_type == "TOO_DARK"]
+    assert [str(ev.state) for ev in dark] == ["started", "ended"] and dark[0].incident_id == dark[1].incident_id
+
+
 def test_a_stage_reading_a_signal_nobody_writes_is_refused(extended: None) -> None:
     class Orphan(BrightnessStage):
         name = "orphan"
