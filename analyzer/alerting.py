@@ -52,9 +52,9 @@ class AlertBuilder:
 
 def attach_thumbnail(ev: RuleEvent) -> None:
     """Adds a small JPEG of the frame that started an incident to its evidence (CPU work: run it in a thread)."""
-    if ev.observation is None or ev.observation.signals is None or ev.observation.signals.preview is None:
+    if ev.preview is None:
         return
-    thumb = thumbnail_b64(ev.observation.signals.preview)
+    thumb = thumbnail_b64(ev.preview)
     if thumb:
         ev.evidence["thumbnail_jpeg_b64"] = thumb
 

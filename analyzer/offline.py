@@ -118,7 +118,7 @@ def analyze_video(
     builder = AlertBuilder(
         exam_session_id=session_id,
         candidate_id=candidate_id,
-        default_model=models.face.name,
+        default_model=models.source,
         node_id="offline",
         worker_id="cli",
         time_base=time.time(),

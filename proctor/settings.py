@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = 10.0
     subscriber_queue: int = Field(default=256, description="Messages buffered per events subscriber")
 
-    # --- inference
+    # --- inference (the model fields below are declared here once and read by their stages through
+    # analyzer/stages.py service_setting; a new stage declares its own settings in its module)
     inference_workers: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1))
     face_model: str = Field(default="full", description="BlazeFace variant: full (counting) or short")
     face_score_threshold: float = Field(

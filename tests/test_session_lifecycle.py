@@ -186,7 +186,7 @@ async def test_muted_camera_raises_camera_off_and_tells_the_candidate(server: Li
 
 
 async def test_frames_that_stop_raise_camera_off(tmp_path: Path) -> None:
-    from livekit_proctor.analyzer.rules import policy
+    from livekit_proctor.analyzer.rules import catalog
 
     srv = LiveServer(tmp_path).start()
     try:
@@ -203,6 +203,7 @@ async def test_frames_that_stop_raise_camera_off(tmp_path: Path) -> None:
                     and m["alert"]["incident_state"] == "ended"
                 )
             )
-        assert policy.RULE_DEFAULTS["CAMERA_OFF"].trigger_after_s == 2.0
+        camera_off = catalog.spec("CAMERA_OFF")
+        assert camera_off is not None and camera_off.trigger_after_s == 2.0
     finally:
         srv.stop()

@@ -68,7 +68,7 @@ class LiveSession:
             exam_session_id=self.id,
             candidate_id=self.candidate_id,
             exam_id=self.exam_id,
-            default_model=manager.models.face.name,
+            default_model=manager.models.source,
             node_id=settings.node_id,
             worker_id=manager.worker_id,
             session_metadata=self.metadata,
