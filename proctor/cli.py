@@ -298,6 +298,30 @@ class _progress:
             self.bar.stop()
 
 
+@app.command()
+def demo(
+    url: Annotated[str | None, typer.Option(help="A running analyzer (default: start one in this process).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="PROCTOR_DEMO_API_KEY", help="A system key of the analyzer at --url.")
+    ] = None,
+) -> None:
+    """Stream a synthetic clip (an empty seat, drawn in code) to an analyzer and print the alerts it sends."""
+    import asyncio
+
+    import httpx
+
+    from livekit_proctor import demo as demo_mod
+
+    try:
+        alerts = asyncio.run(demo_mod.run(url, api_key, _settings, lambda line: print(line, flush=True)))
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    except (OSError, RuntimeError, httpx.HTTPError) as e:
+        raise CliError(f"demo failed: {type(e).__name__}: {e}") from None
+    started = sum(1 for a in alerts if a.get("incident_state") == "started")
+    print(f"-- {len(alerts)} alert(s), {started} incident(s)")
+
+
 class Role(StrEnum):
     system = "system"
     proctor = "proctor"

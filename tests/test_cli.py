@@ -162,6 +162,7 @@ def test_version() -> None:
         ({}, ["token", "--room", "r"], "proctor: Missing option '--identity'"),
         ({}, ["servee"], "proctor: No such command 'servee'"),
         ({}, ["consume", "smtp"], "proctor: unknown consumer 'smtp': choose from grpc, kafka, webhook"),
+        ({}, ["demo", "--url", "http://127.0.0.1:9"], "proctor: --url needs --api-key"),
         ({}, ["token", "--room", "r", "--identity", "i", "--role", "proctor"], "proctor: set LIVEKIT_API_KEY and"),
     ],
 )
@@ -171,13 +172,25 @@ def test_bad_settings_and_arguments_are_one_line(
     """A bad value is named in one line on stderr, exit status 2, before any model loads; never a traceback."""
     line = one_line_error(proctor(*args, cwd=tmp_path, env=clean_env(**env)))
     assert line.startswith(expected), line
-    if "--help" not in expected and not line.startswith(("proctor: PROCTOR_", "proctor: set", "proctor: unknown")):
+    if line.startswith(("proctor: Invalid", "proctor: Missing", "proctor: No such")):
         assert line.endswith("--help`)")  # where to look
 
 
 def test_secret_values_are_never_echoed(tmp_path: Path) -> None:
     line = one_line_error(proctor("config", cwd=tmp_path, env=clean_env(PROCTOR_WEBHOOK_CONCURRENCY="sentinel42")))
     assert line.startswith("proctor: PROCTOR_WEBHOOK_CONCURRENCY: ") and "sentinel42" not in line
+
+
+def test_demo_streams_a_synthetic_clip_and_prints_the_alerts(tmp_path: Path) -> None:
+    """`proctor demo` alone: an analyzer in the process, an empty seat streamed, the absence reported."""
+    r = proctor("demo", cwd=tmp_path, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    alerts = [x.split() for x in lines if x.startswith("alert")]
+    assert [a[1:3] for a in alerts] == [["FACE_NOT_FOUND", "started"], ["FACE_NOT_FOUND", "ended"]], r.stdout
+    assert 5.0 < float(alerts[0][4].rstrip("s")) < 6.5  # "no face > 5 s" on the clip's own clock
+    assert any(x.startswith("feedback  FACE_NOT_FOUND: Please return to your seat") for x in lines)
+    assert lines[-1] == "-- 2 alert(s), 1 incident(s)" and not list(tmp_path.iterdir())  # nothing left behind
 
 
 def test_no_command_prints_the_help(tmp_path: Path) -> None:
