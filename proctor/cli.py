@@ -188,19 +188,31 @@ def fmt_duration(s: float) -> str:
 
 
 def incident_table(alerts: list[tuple[float, Alert]]) -> list[str]:
-    """One line per incident: start, end, type, peak severity, duration (the alerts of one incident share an id)."""
+    """One line per incident (its alerts share an id): when the condition began, when the alert was raised
+    (after the rule's threshold), when it ended, how long it lasted, its peak severity and its type."""
     rows: dict[str, dict[str, Any]] = {}
     for offset, a in alerts:
-        key = a.incident_id or a.event_id
-        row = rows.setdefault(key, {"start": offset, "end": None, "type": str(a.event_type), "peak": 0.0})
+        ev = a.evidence or {}
+        since = ev.get("condition_since")
+        row = rows.setdefault(
+            a.incident_id or a.event_id,
+            {"since": since if isinstance(since, int | float) else offset, "alerted": offset, "end": None,
+             "duration": None, "type": str(a.event_type), "peak": 0.0},
+        )  # fmt: skip
         row["peak"] = max(row["peak"], a.severity_score)
         if a.incident_state == "ended":
             row["end"] = offset
-    lines = [f"{'start':>9}  {'end':>9}  {'duration':>8}  {'severity':>8}  event"]
+            row["duration"] = ev.get("duration_s", offset - row["since"])
+
+    def t(v: float | None) -> str:
+        return "-" if v is None else fmt_duration(v)
+
+    lines = [f"{'since':>8}  {'alerted':>8}  {'ended':>8}  {'lasted':>8}  {'severity':>8}  event"]
     for r in rows.values():
-        end = fmt_duration(r["end"]) if r["end"] is not None else "-"
-        dur = fmt_duration(r["end"] - r["start"]) if r["end"] is not None else "-"
-        lines.append(f"{fmt_duration(r['start']):>9}  {end:>9}  {dur:>8}  {r['peak']:>8.2f}  {r['type']}")
+        lines.append(
+            f"{t(r['since']):>8}  {t(r['alerted']):>8}  {t(r['end']):>8}  {t(r['duration']):>8}  {r['peak']:>8.2f}  "
+            f"{r['type']}"
+        )
     return lines
 
 

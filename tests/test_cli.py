@@ -88,9 +88,11 @@ def test_analyze_recording_gives_alerts_at_their_offsets(tmp_path: Path, oep: li
     text = proctor("analyze", str(path))
     assert text.returncode == 0 and text.stderr.count("analysing") == 0  # piped: no progress bar
     header, row, summary = text.stdout.splitlines()
-    assert header.split() == ["start", "end", "duration", "severity", "event"]
-    start, end, _, severity, event = row.split()
-    assert event == "FACE_NOT_FOUND" and start.startswith("8.") and end.startswith(("10.", "11."))
+    assert header.split() == ["since", "alerted", "ended", "lasted", "severity", "event"]
+    since, alerted, ended, lasted, severity, event = row.split()
+    assert (since, event) == ("3.0s", "FACE_NOT_FOUND")  # the seat is empty from 3 s
+    assert alerted.startswith("8.") and ended.startswith(("10.", "11."))  # after 5 s; 1 s after the face is back
+    assert 6.5 < float(lasted.rstrip("s")) < 7.1  # the rule's duration_s: until the face was back at 10 s
     assert 0 < float(severity) <= 1
     assert summary == "-- 1 incident(s) in 12.9s of video (65 frames analysed)"
 
