@@ -249,7 +249,7 @@ def analyze(
     if not video.is_file():
         raise CliError(f"{video}: cannot open video (no such file)")
     models = _load_models(s)
-    with _progress(_video_duration_s(video)) as tick:
+    with _ProgressBar(_video_duration_s(video)) as tick:
         try:
             alerts, summary = analyze_video(
                 models,
@@ -276,7 +276,7 @@ def analyze(
     print(f"-- {summary['incidents']} incident(s) in {length} of video ({summary['frames_analysed']} frames analysed)")
 
 
-class _progress:
+class _ProgressBar:
     """A progress bar on stderr while a recording is analysed, only when stderr is a terminal."""
 
     def __init__(self, total_s: float | None) -> None:
@@ -297,7 +297,8 @@ class _progress:
             console=Console(file=sys.stderr),
             transient=True,  # the table replaces it
         )
-        task = self.bar.add_task("video", total=self.total_s, at="0s", of=fmt_duration(self.total_s or 0) or "?")
+        of = fmt_duration(self.total_s) if self.total_s else "?"  # unknown length: a pulsing bar
+        task = self.bar.add_task("video", total=self.total_s, at="0s", of=of)
         self.bar.start()
 
         def tick(t: float) -> None:
@@ -566,10 +567,15 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("proctor: aborted", file=sys.stderr)
         return 130
-    except ValidationError as e:  # settings are read by the commands above; anything else is named here
-        first = e.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(x) for x in first["loc"])
-        print(f"proctor: {where}: {first['msg']}", file=sys.stderr)
+    except ValidationError as e:  # e.g. the agent's own settings (PROCTOR_AGENT_*), or a model built from arguments
+        from livekit_proctor.settings import describe_settings_error
+
+        if e.title.endswith("Settings"):
+            line = describe_settings_error(e)
+        else:
+            first = e.errors(include_url=False, include_input=False)[0]
+            line = f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
+        print(f"proctor: {line}", file=sys.stderr)
         return 2
     return rv if isinstance(rv, int) else 0
 

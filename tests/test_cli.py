@@ -158,6 +158,7 @@ def test_version() -> None:
         ({"PROCTOR_PORT": "eighty"}, ["config"], "proctor: PROCTOR_PORT: input should be a valid integer"),
         ({"PROCTOR_LOG_LEVEL": "loud"}, ["keys", "create", "--role", "admin"], "proctor: PROCTOR_LOG_LEVEL: input "),
         ({"PROCTOR_VIDEO_FPS": "fast"}, ["analyze", "x.mp4"], "proctor: PROCTOR_VIDEO_FPS: input should be a valid "),
+        ({"PROCTOR_AGENT_MAX_SESSIONS": "many"}, ["agent", "start"], "proctor: PROCTOR_AGENT_MAX_SESSIONS: input "),
         ({}, ["serve", "--port", "http"], "proctor: Invalid value for '--port': Input should be a valid integer"),
         ({}, ["analyze", "x.mp4", "--calibration", "-5"], "proctor: Invalid value for '--calibration': Input should"),
         ({}, ["analyze", "x.mp4", "--sensitivity", "max"], "proctor: Invalid value for '--sensitivity'"),
