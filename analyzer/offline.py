@@ -7,7 +7,7 @@ session, with the recording's own timestamps.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +93,12 @@ def analyze_video(
     candidate_id: str = "offline",
     calibration_s: float | None = None,
     limiter: IncidentLimiter | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[list[tuple[float, Alert]], dict[str, Any]]:
-    """Runs a recording through the session pipeline; returns (offset, alert) pairs and a summary."""
+    """Runs a recording through the session pipeline; returns (offset, alert) pairs and a summary.
+
+    `progress`, when given, is called with the position in the recording (seconds) of every frame read.
+    """
     req = SessionStartRequest(
         exam_session_id=session_id,
         candidate_id=candidate_id,
@@ -132,6 +136,8 @@ def analyze_video(
 
     for i, t, rgb in video_frames(path):
         last_t = t
+        if progress is not None:
+            progress(t)
         if not sampler.due(t):
             continue
         analysed += 1

@@ -1,6 +1,6 @@
 """The import layers of docs/architecture.md ("Layers"), checked on the source of every module.
 
-    contracts  <-  core  <-  analyzer | dispatcher | agent  <-  cli, wiring (the composition root)
+    contracts  <-  core  <-  analyzer | dispatcher | agent  <-  cli, wiring, demo (the composition root)
 
 contracts import nothing of ours but contracts; core (settings, db, observability, ...) imports contracts
 and core; each service imports contracts, core and itself, never another service; only the composition
@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = "livekit_proctor"
-ROOT_MODULES = {f"{TOP}.cli", f"{TOP}.wiring"}
+ROOT_MODULES = {f"{TOP}.cli", f"{TOP}.wiring", f"{TOP}.demo"}  # demo: runs an analyzer in-process
 
 
 def _roots() -> dict[str, str]:

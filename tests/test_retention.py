@@ -392,14 +392,14 @@ def test_purge_command_output_dry_run_and_idempotence(tmp_path: Path) -> None:
 def test_purge_command_fails_with_one_line(tmp_path: Path) -> None:
     r = cli(tmp_path, "purge")  # cron in the wrong directory: no database there
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.startswith("error: purge failed: FileNotFoundError: no database at proctor-data/proctor.db")
+    assert r.stderr.startswith("proctor: purge failed: FileNotFoundError: no database at proctor-data/proctor.db")
     assert len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "proctor-data").exists()  # and it did not create one
 
     (tmp_path / "proctor-data").mkdir()
     make_engine(settings(tmp_path / "proctor-data").resolved_database_url()).dispose()
     r = cli(tmp_path, "purge", PROCTOR_OUTBOX="redis", PROCTOR_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
-    assert r.returncode == 1 and r.stderr.startswith("error: purge failed: ConnectionError")
+    assert r.returncode == 1 and r.stderr.startswith("proctor: purge failed: ConnectionError")
     assert len(r.stderr.splitlines()) == 1
 
 
