@@ -198,3 +198,11 @@ def test_resampler_keeps_a_chunked_stream_continuous() -> None:
     pcm = np.frombuffer(out, np.int16)
     assert pcm.size == 16_000
     assert abs(peak_hz(pcm, 16_000) - 3000.0) <= 2.0
+
+
+async def test_unknown_events_format_is_refused(legacy_server: LiveServer) -> None:
+    url = legacy_server.start_session("bad-format")["legacy_endpoints"]["events"]
+    async with aiohttp.ClientSession() as http, http.ws_connect(url + "?format=xml") as ws:
+        msg = await ws.receive(timeout=60)
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == CloseCode.BAD_REQUEST and "format" in str(msg.extra)
