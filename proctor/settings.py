@@ -73,6 +73,14 @@ class Settings(BaseSettings):
         description="Auth on the /ws/proctor/... endpoints: 'token' (stream token as ?token=) or 'none' "
         "(old clients unchanged; only for sessions started through the authenticated REST API)",
     )
+    legacy_audio_sample_rate: int = Field(
+        default=16_000,
+        ge=8_000,
+        le=192_000,
+        description="Sample rate (Hz) of PCM on /ws/proctor/{id}/audio when the client names none "
+        "(?sample_rate=); other rates are resampled to 16 kHz. 48000 for LiveKit clients that send their "
+        "default frames",
+    )
     metrics_public: bool = Field(default=False, description="Serve /metrics without an API key")
 
     # --- sessions
