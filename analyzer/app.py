@@ -1,4 +1,9 @@
-"""FastAPI application factory: wires storage, keys, models, pipeline, outbox and routes."""
+"""FastAPI application factory: storage, keys, models, pipeline, sessions and routes.
+
+What alerts go into (the outbox) and what runs beside the analyzer (an embedded dispatcher, data
+retention) come from the caller: the composition root, livekit_proctor.wiring. The analyzer imports
+nothing of the dispatcher (tests/test_layers.py).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,17 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException
 
 from livekit_proctor import __version__
@@ -28,9 +36,9 @@ from livekit_proctor.analyzer.metrics import Metrics
 from livekit_proctor.analyzer.pipeline import InferencePool, ModelSet
 from livekit_proctor.analyzer.sessions import SessionManager
 from livekit_proctor.analyzer.stream import router as stream_router
+from livekit_proctor.contracts.outbox import AlertSink
 from livekit_proctor.datadir import prepare_data_dir
 from livekit_proctor.db import make_engine, make_sessionmaker
-from livekit_proctor.dispatcher.outbox import SqlOutbox
 from livekit_proctor.settings import Settings
 
 log = logging.getLogger("proctor")
@@ -82,54 +90,70 @@ def _install_redaction() -> None:
             lg.addFilter(RedactTokens())
 
 
-def create_app(settings: Settings | None = None, models: ModelSet | None = None) -> FastAPI:
+# The outbox the analyzer appends alerts to, built once the database is open.
+OutboxFactory = Callable[[Settings, sessionmaker], AlertSink]
+
+
+@dataclass
+class Host:
+    """What a lifespan hook gets: the app's settings and database, and where what it runs shows itself."""
+
+    settings: Settings
+    sm: sessionmaker
+    delivery: Callable[[], dict[str, Any]] | None = None  # readiness "delivery" (an embedded dispatcher's lanes)
+    registries: list[CollectorRegistry] = field(default_factory=list)  # appended to /metrics
+
+
+# Work that runs beside the analyzer while the app is up: entered after the sessions are restored, left
+# before they are saved at shutdown, in reverse order.
+LifespanHook = Callable[[Host], AbstractAsyncContextManager[object]]
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(
+    settings: Settings | None = None,
+    models: ModelSet | None = None,
+    *,
+    outbox: OutboxFactory,
+    hooks: Sequence[LifespanHook] = (),
+) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _install_redaction()
         prepare_data_dir(settings)  # 0700 / 0600, tightened from older installs
-        engine = make_engine(settings.resolved_database_url())
-        sm = make_sessionmaker(engine)
-        st = app.state
-        st.settings = settings
-        st.started_at = time.time()
-        st.metrics = metrics = Metrics()
-        st.keys = KeyStore(sm, settings.api_keys)
-        key = st.keys.bootstrap()
-        if key:
-            _announce_bootstrap_key(settings, key)
-        st.stream_secret = _stream_secret(settings)
-        st.models = models or await asyncio.to_thread(ModelSet.from_settings, settings)
-        st.pool = pool = InferencePool(settings.inference_workers, metrics)
-        if settings.outbox == "redis":
-            from livekit_proctor.dispatcher.outbox import RedisOutbox
-            from livekit_proctor.dispatcher.service import redis_client
-
-            st.sink = RedisOutbox(redis_client(settings), settings.outbox_stream, settings.resolved_outbox_jsonl(), sm)
-        else:
-            st.sink = SqlOutbox(sm, settings.resolved_outbox_jsonl())
-        st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics)
-        await mgr.restore_active()  # sessions active before a restart go on (open incidents included)
-        hk = asyncio.create_task(mgr.housekeeping())
-        st.dispatcher = None
-        if settings.dispatcher_embedded:
-            from livekit_proctor.dispatcher.service import build_dispatcher
-
-            st.dispatcher = build_dispatcher(settings, sm)
-            await st.dispatcher.start()
-        log.info("analyzer ready on node %s with models %s", settings.node_id, st.models.describe())
-        try:
+        async with contextlib.AsyncExitStack() as stack:  # left in reverse: hooks, sessions, pool, database
+            engine = make_engine(settings.resolved_database_url())
+            stack.callback(engine.dispose)
+            sm = make_sessionmaker(engine)
+            st = app.state
+            st.settings = settings
+            st.started_at = time.time()
+            st.metrics = metrics = Metrics()
+            st.keys = KeyStore(sm, settings.api_keys)
+            key = st.keys.bootstrap()
+            if key:
+                _announce_bootstrap_key(settings, key)
+            st.stream_secret = _stream_secret(settings)
+            st.models = models or await asyncio.to_thread(ModelSet.from_settings, settings)
+            st.pool = pool = InferencePool(settings.inference_workers, metrics)
+            stack.callback(pool.shutdown)
+            st.sink = outbox(settings, sm)
+            st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics)
+            await mgr.restore_active()  # sessions active before a restart go on (open incidents included)
+            stack.push_async_callback(mgr.shutdown)
+            st.host = host = Host(settings, sm)
+            for hook in hooks:
+                await stack.enter_async_context(hook(host))
+            stack.push_async_callback(_cancel, asyncio.create_task(mgr.housekeeping()))
+            log.info("analyzer ready on node %s with models %s", settings.node_id, st.models.describe())
             yield
-        finally:
-            hk.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await hk
-            if st.dispatcher is not None:
-                await st.dispatcher.stop()
-            await mgr.shutdown()
-            pool.shutdown()
-            engine.dispose()
 
     app = FastAPI(title="LiveKit proctoring analyzer", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit, default=settings.max_request_bytes)

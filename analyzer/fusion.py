@@ -13,6 +13,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from livekit_proctor.analyzer.detectors.base import Detection, Gaze, HeadPose
 from livekit_proctor.analyzer.signals import FrameSignals
 from livekit_proctor.contracts.api import EffectivePolicy
@@ -45,7 +47,12 @@ class Observation:
     hand_ear_ratio: float | None
     calibrating: bool
     model: str
-    signals: FrameSignals | None = field(default=None, repr=False)
+    face_scores: list[float] = field(default_factory=list)
+    # The latest value of every signal (analyzer/stages.py): this frame's, or the last one a stage wrote when it
+    # was not due on this frame. Rules of stages that fusion does not know read their signal here.
+    values: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Downscaled copy of the frame, for the evidence thumbnail of an alert (<= 160 px wide).
+    preview: np.ndarray | None = field(default=None, repr=False)
 
     def evidence(self) -> dict[str, Any]:
         """Measured values for alert evidence."""
@@ -163,6 +170,7 @@ class PresenceFusion:
         self._pose_state: tuple[bool | None, bool | None, float | None] = (None, None, None)
         self._has_pose = False
         self._last_head: tuple[float, HeadPose, float, float, float] | None = None  # ts, pose, cx, cy, face w
+        self._values: dict[str, Any] = {}
 
     @property
     def baseline(self) -> Baseline:
@@ -264,5 +272,11 @@ class PresenceFusion:
             hand_ear_ratio=ear_ratio,
             calibrating=not self.calibration.done,
             model=s.model,
-            signals=s,
+            face_scores=[f.score for f in s.faces],
+            values=self._latest(s),
+            preview=s.preview,
         )
+
+    def _latest(self, s: FrameSignals) -> dict[str, Any]:
+        self._values.update(s.values)
+        return dict(self._values)

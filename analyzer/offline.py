@@ -7,19 +7,20 @@ session, with the recording's own timestamps.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from livekit_proctor.analyzer.alerting import AlertBuilder, rate_limit
 from livekit_proctor.analyzer.fusion import PresenceFusion
 from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet, Sampler
 from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
 from livekit_proctor.analyzer.rules.limits import IncidentLimiter
 from livekit_proctor.analyzer.rules.policy import effective_policy
-from livekit_proctor.contracts.alerts import Alert, AlertMetadata, IncidentState, ts_to_iso
+from livekit_proctor.contracts.alerts import Alert, IncidentState
 from livekit_proctor.contracts.api import SessionStartRequest
 
 
@@ -92,8 +93,12 @@ def analyze_video(
     candidate_id: str = "offline",
     calibration_s: float | None = None,
     limiter: IncidentLimiter | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[list[tuple[float, Alert]], dict[str, Any]]:
-    """Runs a recording through the session pipeline; returns (offset, alert) pairs and a summary."""
+    """Runs a recording through the session pipeline; returns (offset, alert) pairs and a summary.
+
+    `progress`, when given, is called with the position in the recording (seconds) of every frame read.
+    """
     req = SessionStartRequest(
         exam_session_id=session_id,
         candidate_id=candidate_id,
@@ -106,7 +111,6 @@ def analyze_video(
     engine = RuleEngine(policy)
     sampler = Sampler(policy.video_fps)
     clock = ModelClock()
-    base = time.time()  # alert timestamps: analysis start + offset in the recording
     out: list[tuple[float, Alert]] = []
     analysed = 0
     last_t = 0.0
@@ -114,33 +118,26 @@ def analyze_video(
     limiter = limiter or IncidentLimiter(burst=10, refill_s=60.0)
     suppressed = 0
 
+    # Alert times: analysis start + offset in the recording.
+    builder = AlertBuilder(
+        exam_session_id=session_id,
+        candidate_id=candidate_id,
+        default_model=models.source,
+        node_id="offline",
+        worker_id="cli",
+        time_base=time.time(),
+    )
+
     def to_alerts(events: list[RuleEvent]) -> None:
         nonlocal suppressed
-        passed = limiter.filter(events, last_t)  # the live rate limit, on the recording's own clock
-        suppressed += sum(1 for ev in events if ev.state is IncidentState.STARTED) - sum(
-            1 for ev in passed if ev.state is IncidentState.STARTED
-        )
-        for ev in passed:
-            out.append(
-                (
-                    round(ev.ts, 3),
-                    Alert(
-                        exam_session_id=session_id,
-                        candidate_id=candidate_id,
-                        timestamp=ts_to_iso(base + ev.ts),
-                        event_type=ev.event_type,
-                        severity_score=ev.severity,
-                        ai_model_source=ev.model or models.face.name,
-                        evidence=ev.evidence,
-                        metadata=AlertMetadata(node_id="offline", worker_id="cli"),
-                        incident_id=ev.incident_id,
-                        incident_state=ev.state,
-                    ),
-                )
-            )
+        passed, dropped = rate_limit(limiter, events, last_t)  # the live rate limit, on the recording's own clock
+        suppressed += len(dropped)
+        out.extend((round(ev.ts, 3), builder.build(ev)) for ev in passed)
 
     for i, t, rgb in video_frames(path):
         last_t = t
+        if progress is not None:
+            progress(t)
         if not sampler.due(t):
             continue
         analysed += 1

@@ -1,4 +1,4 @@
-"""Inference pipeline: decode, sample, run the models in worker threads.
+"""Inference pipeline: decode, sample, run the stages (analyzer/stages.py) in worker threads.
 
 The event loop only moves bytes. Everything CPU-bound (JPEG decode, models)
 runs in InferencePool's threads; the model runtimes and OpenCV release the GIL,
@@ -16,22 +16,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import cv2
 import numpy as np
 
 from livekit_proctor import observability
-from livekit_proctor.analyzer.detectors.base import (
-    BodyPose,
-    Detection,
-    FaceDetector,
-    FaceMeshEstimator,
-    ObjectDetector,
-    PoseEstimator,
-)
 from livekit_proctor.analyzer.metrics import Metrics
-from livekit_proctor.analyzer.signals import FrameSignals
+from livekit_proctor.analyzer.signals import AudioSignals, FrameSignals, Signals
+from livekit_proctor.analyzer.stages import Stage, check_order, registered_stages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,167 +44,147 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-@dataclass
-class ModelRates:
-    """How often the slower models run, per session (face detection runs on every analysed frame)."""
-
-    objects_interval_s: float = 1.0
-    pose_interval_s: float = 0.5
-    # Object detection is skipped while the scene is still: mean absolute difference of a 64x48 grey
-    # thumbnail against the last detected frame, in grey levels (0-255) ...
-    motion_threshold: float = 3.0
-    # ... but runs at least this often even when nothing moves.
-    max_gated_s: float = 5.0
+@dataclass(slots=True)
+class _LastRun:
+    ts: float  # capture time of the unit the stage last ran on
+    value: Any
+    gray: np.ndarray | None  # motion-gated stages: the grey thumbnail of that frame
 
 
 class ModelClock:
-    """Per-session scheduling state of the slower models.
+    """Per-session scheduling state of the stages (when each last ran, and its result for reuse).
 
     Only the session's single in-flight job touches it, so it needs no lock.
     """
 
     def __init__(self) -> None:
-        self.objects_ts: float | None = None
-        self.objects: list[Detection] = []
-        self.objects_gray: np.ndarray | None = None
-        self.pose_ts: float | None = None
-        self.pose: BodyPose | None = None
-        self.gated = 0  # object detections skipped because nothing moved
+        self.last: dict[str, _LastRun] = {}
+        self.gated = 0  # runs skipped because nothing moved
 
-    def objects_due(self, ts: float, gray: np.ndarray, rates: ModelRates) -> str:
-        """ "run" the detector, "reuse" its last result (due, but the scene has not changed), or "wait"."""
-        if self.objects_ts is None or ts < self.objects_ts:
-            return "run"
-        age = ts - self.objects_ts
-        if age < rates.objects_interval_s * 0.95:
-            return "wait"
-        if age >= rates.max_gated_s or self.objects_gray is None:
-            return "run"
-        if float(np.mean(cv2.absdiff(gray, self.objects_gray))) >= rates.motion_threshold:
-            return "run"
-        self.gated += 1
-        return "reuse"
 
-    def pose_due(self, ts: float, rates: ModelRates) -> bool:
-        return self.pose_ts is None or ts < self.pose_ts or ts - self.pose_ts >= rates.pose_interval_s * 0.95
+Decision = Literal["run", "reuse", "wait", "skip"]
+
+
+def _thumb(rgb: np.ndarray) -> np.ndarray:
+    return cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (64, 48), interpolation=cv2.INTER_AREA)
 
 
 class ModelSet:
-    """The models a session pipeline runs, loaded once per process and shared by all sessions."""
+    """The stages a session pipeline runs (analyzer/stages.py), loaded once per process and shared by all
+    sessions. Each analysed frame (or audio window) goes through the registered stages in order."""
 
-    def __init__(
-        self,
-        face: FaceDetector,
-        mesh: FaceMeshEstimator | None = None,
-        objects: ObjectDetector | None = None,
-        pose: PoseEstimator | None = None,
-        rates: ModelRates | None = None,
-        segmenter: Any = None,
-    ) -> None:
-        self.face = face
-        self.mesh = mesh
-        self.objects = objects
-        self.pose = pose
-        self.segmenter = segmenter
-        self.rates = rates or ModelRates()
+    def __init__(self, stages: list[Stage], off: tuple[str, ...] = ()) -> None:
+        self.stages = stages
+        self.off = off  # registered stages switched off by settings or failed to load
+        self.video = [s for s in stages if s.media == "video"]
+        self.audio = [s for s in stages if s.media == "audio"]
 
     @classmethod
-    def load(
-        cls,
-        variant: str = "full",
-        score_threshold: float = 0.4,
-        mesh: bool = True,
-        objects: str = "nanodet",
-        pose: bool = True,
-        rates: ModelRates | None = None,
-        segmentation: bool = True,
-    ) -> ModelSet:
-        from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector
-
-        face = BlazeFaceDetector(variant=variant, score_threshold=score_threshold)
-        mesh_b = _optional("face mesh", _load_mesh) if mesh else None
-        obj_b = _optional("object detector", lambda: _load_objects(objects)) if objects != "none" else None
-        pose_b = _optional("body pose", _load_pose) if pose else None
-        seg_b = _optional("person segmentation", _load_segmenter) if segmentation else None
-        return cls(face=face, mesh=mesh_b, objects=obj_b, pose=pose_b, rates=rates, segmenter=seg_b)
+    def load(cls, **settings: Any) -> ModelSet:
+        """Loads every registered stage; `settings` override its settings fields by name (else PROCTOR_* env)."""
+        stages: list[Stage] = []
+        off: list[str] = []
+        registered = registered_stages()
+        check_order(registered)
+        for stage_cls in registered:
+            fields = stage_cls.settings_model.model_fields
+            s = stage_cls.settings_model(**{k: v for k, v in settings.items() if k in fields})
+            if not stage_cls.enabled(s):
+                off.append(stage_cls.name)
+                continue
+            try:
+                stages.append(stage_cls(s))
+            except Exception as e:
+                if stage_cls.required:
+                    raise
+                # A missing optional model disables its signals instead of failing the service.
+                log.warning("stage %s unavailable, its signals are off: %s", stage_cls.name, e)
+                off.append(stage_cls.name)
+        return cls(stages, tuple(off))
 
     @classmethod
     def from_settings(cls, s: Any) -> ModelSet:
-        rates = ModelRates(
-            objects_interval_s=1.0 / s.objects_fps,
-            pose_interval_s=1.0 / s.pose_fps,
-            motion_threshold=s.motion_threshold,
-        )
-        return cls.load(
-            s.face_model, s.face_score_threshold, s.face_mesh, s.objects_model, s.body_pose, rates, s.segmentation
-        )
+        """The stages with the service settings' values for the fields they declare (Settings wins over env)."""
+        names = {k for c in registered_stages() for k in c.settings_model.model_fields}
+        return cls.load(**{k: getattr(s, k) for k in names if hasattr(s, k)})
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    @property
+    def source(self) -> str:
+        """ai_model_source of an alert no model raised (session-state rules): the first stage's model."""
+        return self.stages[0].model if self.stages else "none"
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"face": self.face.name}
-        backends = (
-            ("face_mesh", self.mesh),
-            ("objects", self.objects),
-            ("pose", self.pose),
-            ("segmentation", self.segmenter),
-        )
-        for key, backend in backends:
-            d[key] = backend.name if backend is not None else None
-        d["models_verified"] = all(
-            bool(getattr(b, "verified", False))
-            for b in (self.face, self.mesh, self.objects, self.pose, self.segmenter)
-            if b is not None
-        )
+        loaded = {s.name: s.model for s in self.stages}
+        d: dict[str, Any] = {
+            c.name: loaded.get(c.name) for c in registered_stages() if c.name in loaded or c.name in self.off
+        }
+        d.update(loaded)  # stages passed in that are not registered
+        d["models_verified"] = all(s.verified for s in self.stages)
         return d
 
-    def analyze_rgb(self, rgb: np.ndarray, seq: int, ts: float, clock: ModelClock | None = None) -> FrameSignals:
-        """Runs every model that is due on this frame. Without a clock (single images) all models run."""
-        lat: dict[str, float] = {}
-        ran = [self.face.name]
+    def _decide(self, stage: Stage, sig: Signals, rgb: np.ndarray | None, clock: ModelClock | None,
+                thumb: Callable[[], np.ndarray]) -> Decision:  # fmt: skip
+        due = stage.due()
+        if any(r not in sig.values for r in stage.reads):
+            return "skip"  # what it reads was not produced on this unit (its stage is off or was not due)
+        if due.if_face is not None and bool(sig.values.get("faces")) != due.if_face:
+            return "skip"
+        if due.if_speech is not None and bool(sig.values.get("speech")) != due.if_speech:
+            return "skip"
+        last = clock.last.get(stage.name) if clock is not None else None
+        if last is None or sig.ts < last.ts:
+            return "run"
+        age = sig.ts - last.ts
+        if age < due.interval_s * 0.95:
+            return "wait"
+        if due.motion_threshold is None or rgb is None:
+            return "run"
+        if age >= due.max_gated_s or last.gray is None:
+            return "run"
+        if float(np.mean(cv2.absdiff(thumb(), last.gray))) >= due.motion_threshold:
+            return "run"
+        assert clock is not None
+        clock.gated += 1
+        return "reuse"
 
-        def timed(name: str, fn: Callable[[], T]) -> T:
-            with observability.model_span(name):
-                t0 = time.perf_counter()
-                out = fn()
-                lat[name] = (time.perf_counter() - t0) * 1000
-            return out
+    def _run_stages(self, stages: list[Stage], media: np.ndarray, sig: Signals, clock: ModelClock | None,
+                    rgb: np.ndarray | None) -> None:  # fmt: skip
+        ran: list[str] = []
+        gray: list[np.ndarray] = []
 
-        faces = timed(self.face.name, lambda: self.face.detect(rgb))
-        h, w = rgb.shape[:2]
-        sig = FrameSignals(seq=seq, ts=ts, width=w, height=h, faces=faces, latency_ms=lat)
-        primary = sig.primary_face
-        if self.mesh is not None and primary is not None:
-            mesh = self.mesh
-            sig.mesh = timed(mesh.name, lambda: mesh.estimate(rgb, primary))
-            ran.append(mesh.name)
-        if self.objects is not None:
-            det = self.objects
-            gray = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (64, 48), interpolation=cv2.INTER_AREA)
-            due = "run" if clock is None else clock.objects_due(ts, gray, self.rates)
-            if due == "run":
-                sig.objects = timed(det.name, lambda: det.detect(rgb))
-                sig.objects_ts = ts
-                ran.append(det.name)
+        def thumb() -> np.ndarray:  # computed once per frame, only when a motion-gated stage is due
+            if not gray:
+                assert rgb is not None
+                gray.append(_thumb(rgb))
+            return gray[0]
+
+        for stage in stages:
+            decision = self._decide(stage, sig, rgb, clock, thumb)
+            last = clock.last.get(stage.name) if clock is not None else None
+            if decision == "run":
+                with observability.model_span(stage.model):
+                    t0 = time.perf_counter()
+                    value = stage.run(media, sig)
+                    sig.latency_ms[stage.model] = (time.perf_counter() - t0) * 1000
+                sig.put(stage.writes, value)
+                ran.append(stage.model)
                 if clock is not None:
-                    clock.objects_ts, clock.objects, clock.objects_gray = ts, sig.objects, gray
-            elif due == "reuse" and clock is not None:
-                # Nothing moved since the last detection: it still describes this frame.
-                sig.objects, sig.objects_ts = clock.objects, ts
-            elif clock is not None:
-                sig.objects_ts = clock.objects_ts
-        if self.pose is not None:
-            pe = self.pose
-            if clock is None or clock.pose_due(ts, self.rates):
-                sig.pose = timed(pe.name, lambda: pe.estimate(rgb))
-                sig.pose_ran = True
-                ran.append(pe.name)
-                if clock is not None:
-                    clock.pose_ts, clock.pose = ts, sig.pose
-        if self.segmenter is not None and not faces:
-            seg = self.segmenter
-            # Only without a face: then it tells "someone is there, face hidden" from "nobody".
-            sig.person_fraction = timed(seg.name, lambda: seg.person_fraction(rgb))
-            ran.append(seg.name)
+                    gated = rgb is not None and stage.due().motion_threshold is not None
+                    clock.last[stage.name] = _LastRun(sig.ts, value, thumb() if gated else None)
+            elif decision == "reuse" and last is not None:
+                sig.put(stage.writes, last.value)  # nothing moved since the last run: it still describes this frame
+            elif decision == "wait" and last is not None:
+                sig.fresh[stage.writes] = last.ts
         sig.model = "+".join(ran)
+
+    def analyze_rgb(self, rgb: np.ndarray, seq: int, ts: float, clock: ModelClock | None = None) -> FrameSignals:
+        """Runs every video stage that is due on this frame. Without a clock (single images) all due stages run."""
+        h, w = rgb.shape[:2]
+        sig = FrameSignals(seq=seq, ts=ts, width=w, height=h)
+        self._run_stages(self.video, rgb, sig, clock, rgb)
         scale = 160 / max(w, h)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         sig.preview = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
@@ -226,38 +199,13 @@ class ModelSet:
         sig.latency_ms["jpeg_decode"] = decode_ms
         return sig
 
-
-def _optional(what: str, load: Callable[[], T]) -> T | None:
-    """Loads an optional backend; a missing one disables its signals instead of failing the service."""
-    try:
-        return load()
-    except Exception as e:
-        log.warning("%s unavailable, its signals are off: %s", what, e)
-        return None
-
-
-def _load_mesh() -> FaceMeshEstimator:
-    from livekit_proctor.analyzer.detectors.facemesh import MediapipeFaceMesh
-
-    return MediapipeFaceMesh()
-
-
-def _load_objects(spec: str) -> ObjectDetector:
-    from livekit_proctor.analyzer.detectors.objects import load_object_detector
-
-    return load_object_detector(spec)
-
-
-def _load_segmenter() -> Any:
-    from livekit_proctor.analyzer.detectors.segmentation import SelfieSegmenter
-
-    return SelfieSegmenter()
-
-
-def _load_pose() -> PoseEstimator:
-    from livekit_proctor.analyzer.detectors.pose import MediapipePose
-
-    return MediapipePose()
+    def analyze_audio(
+        self, pcm: np.ndarray, seq: int, ts: float, sample_rate: int = 16000, clock: ModelClock | None = None
+    ) -> AudioSignals:
+        """Runs every audio stage that is due on this window (int16 mono PCM starting at capture time ts)."""
+        sig = AudioSignals(seq=seq, ts=ts, sample_rate=sample_rate, duration_s=len(pcm) / sample_rate)
+        self._run_stages(self.audio, pcm, sig, clock, None)
+        return sig
 
 
 class InferencePool:

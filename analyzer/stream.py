@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any
@@ -19,8 +20,10 @@ from starlette.websockets import WebSocketState
 from livekit_proctor import observability
 from livekit_proctor.analyzer.auth import CAN_MANAGE_SESSIONS, CAN_READ_SESSIONS
 from livekit_proctor.analyzer.jpeg import JpegHeaderError, jpeg_size
+from livekit_proctor.analyzer.resample import PcmResampler, parse_rate
 from livekit_proctor.analyzer.sessions import LiveSession, SessionClosed, SessionNotFound, Subscriber
 from livekit_proctor.contracts.wire import (
+    AUDIO_SAMPLE_RATE,
     AUDIO_SAMPLE_WIDTH,
     AlertMessage,
     CloseCode,
@@ -328,11 +331,63 @@ async def _legacy_media(ws: WebSocket, session_id: str, kind: Kind) -> None:
     live = await _open(ws, session_id, require_token=ws.app.state.settings.legacy_ws_auth != "none")
     if live is None:
         return
+    conn: MediaConnection
+    if kind is Kind.AUDIO:
+        try:
+            rate = parse_rate(ws.query_params.get("sample_rate"), ws.app.state.settings.legacy_audio_sample_rate)
+        except ValueError as e:
+            await _close(ws, CloseCode.BAD_REQUEST, str(e))
+            return
+        conn = LegacyAudioConnection(ws, live, rate)
+    else:
+        conn = MediaConnection(ws, live, legacy_kind=kind)
     try:
-        await MediaConnection(ws, live, legacy_kind=kind).run()
+        await conn.run()
     except Exception:
         log.exception("legacy %s handler failed for %s", kind.name, session_id)
         await _close(ws, CloseCode.INTERNAL_ERROR, "internal error")
+
+
+class LegacyAudioConnection(MediaConnection):
+    """Legacy audio at the client's sample rate: converted to 16 kHz before the usual checks and queueing."""
+
+    def __init__(self, ws: WebSocket, live: LiveSession, sample_rate: int) -> None:
+        super().__init__(ws, live, legacy_kind=Kind.AUDIO)
+        self.sample_rate = sample_rate
+        self._resampler = PcmResampler(sample_rate) if sample_rate != AUDIO_SAMPLE_RATE else None
+        # The chunk size limit is a duration: the same number of seconds at the client's rate.
+        self._max_in = self.settings.max_audio_chunk_bytes * sample_rate // AUDIO_SAMPLE_RATE
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            if self._resampler is not None and self.live.state == "active":
+                tail = self._resampler.flush()  # the last few ms, so the session gets the whole duration
+                await self._offer(tail)
+
+    async def _on_binary(self, data: bytes) -> None:
+        if self._resampler is None:
+            await super()._on_binary(data)
+            return
+        n = len(data)
+        problem: ProtocolError | None = None
+        if n % AUDIO_SAMPLE_WIDTH:
+            problem = ProtocolError("pcm_odd_length", f"PCM s16le chunk has odd length {n}; samples are 2 bytes")
+        elif n > self._max_in:
+            problem = ProtocolError("audio_chunk_too_large", f"audio chunk of {n} bytes exceeds {self._max_in}")
+        if problem is not None:
+            self.live.reject_audio()
+            self.error(problem.code, problem.reason)
+            return
+        await self._offer(self._resampler.push(data))
+
+    async def _offer(self, pcm: bytes) -> None:
+        # The resampler may hold a short chunk back (pcm is empty) or release a little more than one chunk's
+        # worth: what goes on is cut to the session's chunk limit.
+        step = self.settings.max_audio_chunk_bytes // AUDIO_SAMPLE_WIDTH * AUDIO_SAMPLE_WIDTH
+        for i in range(0, len(pcm), step):
+            await super()._on_binary(pcm[i : i + step])
 
 
 @router.websocket("/ws/proctor/{session_id}/video")
@@ -343,17 +398,42 @@ async def legacy_video(ws: WebSocket, session_id: str) -> None:
 
 @router.websocket("/ws/proctor/{session_id}/audio")
 async def legacy_audio(ws: WebSocket, session_id: str) -> None:
-    """Binary messages of raw PCM s16le, 16 kHz mono."""
+    """Binary messages of raw PCM s16le mono at ?sample_rate= (default PROCTOR_LEGACY_AUDIO_SAMPLE_RATE, 16 kHz);
+    other rates are resampled to 16 kHz."""
     await _legacy_media(ws, session_id, Kind.AUDIO)
+
+
+LEGACY_EVENT_FORMATS = ("compat", "alert")
+
+
+def legacy_alert_texts(alert: dict[str, Any]) -> list[str]:
+    """The short texts a Procturing-Realtime client shows for an alert ("Phone detected"): one when an
+    incident starts (or for an alert without incidents), none for its updates and end."""
+    if alert.get("incident_state") not in (None, "started"):
+        return []
+    return [str(alert.get("event_type", "alert")).replace("_", " ").capitalize()]
+
+
+def legacy_event(alert: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """One /events message: the canonical alert, plus (format "compat") the `alerts` list of texts that
+    Procturing-Realtime's clients read (`data.get("alerts", [])`)."""
+    if fmt == "alert":
+        return alert
+    return {**alert, "alerts": legacy_alert_texts(alert)}
 
 
 @router.websocket("/ws/proctor/{session_id}/events")
 async def legacy_events(ws: WebSocket, session_id: str) -> None:
-    """JSON alerts out (one canonical alert per text message)."""
+    """JSON alerts out: one canonical alert per text message, with an `alerts` list of short texts
+    (?format=compat, the default) or bare (?format=alert)."""
     live = await _open(
         ws, session_id, require_token=ws.app.state.settings.legacy_ws_auth != "none", key_roles=CAN_READ_SESSIONS
     )
     if live is None:
+        return
+    fmt = ws.query_params.get("format") or "compat"
+    if fmt not in LEGACY_EVENT_FORMATS:
+        await _close(ws, CloseCode.BAD_REQUEST, f"format must be one of {', '.join(LEGACY_EVENT_FORMATS)}")
         return
     sub = live.subscribe()
     sub.on_overflow = lambda: _spawn(_close(ws, CloseCode.TOO_SLOW, "client does not read its messages"))
@@ -373,7 +453,8 @@ async def legacy_events(ws: WebSocket, session_id: str) -> None:
                 break
             msg = get.result()
             if isinstance(msg, AlertMessage):
-                await ws.send_text(msg.alert.model_dump_json())
+                event = legacy_event(msg.alert.model_dump(mode="json"), fmt)
+                await ws.send_text(json.dumps(event, separators=(",", ":")))
             elif isinstance(msg, SessionEndedMessage):
                 await _close(ws, CloseCode.SESSION_ENDED, "session ended")
                 break

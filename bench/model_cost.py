@@ -1,8 +1,10 @@
-"""Cost of each model per frame on this machine: median and p95 ms over the shared exam-webcam frames.
+"""Cost of each stage per frame on this machine: median and p95 ms over the shared exam-webcam frames.
 
     python bench/model_cost.py [DATA_DIR] [--repeat N]
 
-Prints one row per model and one JSON line. Single thread, the way the inference pool runs each job.
+Prints one row per registered video stage (analyzer/stages.py; a new stage shows up with no edit here) and one
+JSON line. Single thread, the way the inference pool runs each job. Without a session clock every stage runs on
+every frame where its face condition holds (face mesh only with a face, segmentation only without one).
 """
 
 from __future__ import annotations
@@ -46,22 +48,27 @@ def main() -> int:
     for _ in range(args.repeat):
         for i, jpg in enumerate(jpegs):
             t0 = time.perf_counter()
-            sig = models.analyze_jpeg(jpg, i, 0.0)  # no clock: every model runs on every frame
+            sig = models.analyze_jpeg(jpg, i, 0.0)  # no clock: every stage runs whose condition holds
             t_all.append((time.perf_counter() - t0) * 1000)
             for name, ms in sig.latency_ms.items():
                 times.setdefault(name, []).append(ms)
     h, w = decode_jpeg(jpegs[0]).shape[:2]
     print(f"{len(jpegs)} frames x {args.repeat} ({w}x{h}), one thread")
-    print(f"{'model':<48} {'runs':>5} {'median ms':>10} {'p95 ms':>8}")
+    print(f"{'stage':<14} {'model':<42} {'runs':>5} {'median ms':>10} {'p95 ms':>8}")
     rows = {}
-    for name, v in sorted(times.items(), key=lambda kv: -statistics.median(kv[1])):
-        v.sort()
+    for stage, model in [*((s.name, s.model) for s in models.video), ("decode", "jpeg_decode")]:
+        v = sorted(times.get(model, []))
+        if not v:
+            print(f"{stage:<14} {model:<42} {0:>5} {'-':>10} {'-':>8}")
+            continue
         med, p95 = statistics.median(v), v[min(len(v) - 1, int(0.95 * len(v)))]
-        rows[name] = {"runs": len(v), "median_ms": round(med, 2), "p95_ms": round(p95, 2)}
-        print(f"{name:<48} {len(v):>5} {med:>10.2f} {p95:>8.2f}")
+        rows[model] = {"stage": stage, "runs": len(v), "median_ms": round(med, 2), "p95_ms": round(p95, 2)}
+        print(f"{stage:<14} {model:<42} {len(v):>5} {med:>10.2f} {p95:>8.2f}")
+    for name in models.off:
+        print(f"{name:<14} {'(off)':<42}")
     t_all.sort()
     print(
-        f"{'whole frame, all models':<48} {len(t_all):>5} {statistics.median(t_all):>10.2f} "
+        f"{'whole frame':<14} {'every stage due on it':<42} {len(t_all):>5} {statistics.median(t_all):>10.2f} "
         f"{t_all[int(0.95 * len(t_all))]:>8.2f}"
     )
     print(json.dumps({"bench": "model_cost", "frame_size": f"{w}x{h}", "models": rows}))

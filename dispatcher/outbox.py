@@ -1,38 +1,25 @@
-"""The one interface through which alerts leave the analyzer.
+"""The outboxes behind the analyzer's AlertSink (proctor/contracts/outbox.py).
 
-The analyzer appends and never waits on a transport. The embedded outbox
-keeps every alert in the relational store (table `outbox`, read in seq order by
-the dispatcher) and appends it to a JSONL file for operators and quick tests.
+The embedded outbox keeps every alert in the relational store (table `outbox`, read in seq order by the
+dispatcher) and appends it to a JSONL file for operators and quick tests; the Redis outbox appends to a
+Redis Stream that dispatchers share. The composition root (livekit_proctor.wiring) picks one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 from livekit_proctor.contracts.alerts import Alert
+from livekit_proctor.contracts.outbox import AlsoWrite
 from livekit_proctor.db import OutboxRow
 from livekit_proctor.dispatcher import jsonl
-
-# Work to commit together with appended alerts (the session's rule state: the transactional outbox).
-AlsoWrite = Callable[[OrmSession], None]
-
-
-class AlertSink(Protocol):
-    async def publish(self, alert: Alert) -> None: ...
-
-    async def publish_many(self, alerts: Sequence[Alert], also: AlsoWrite | None = None) -> None:
-        """Appends alerts in order. `also` runs in the same database transaction for the SQL outbox, so a
-        session's state and the alerts it produced commit together; other sinks run it right after."""
-
-    def state(self) -> dict[str, object]: ...
 
 
 class SqlOutbox:

@@ -6,7 +6,7 @@ configure (dispatcher/service.py) plus every lane the outbox has seen (a cursor 
 purge run with other settings than the dispatcher's (cron, an analyzer without the embedded dispatcher)
 is still safe. A lane removed from the configuration holds rows back until its cursor row is deleted.
 
-The running server calls `purge_due` from its housekeeping, at most every purge_interval_s;
+The running server calls `purge_due` (livekit_proctor.wiring), at most every purge_interval_s;
 `proctor purge` runs `purge` once (cron). Both are idempotent and safe to run concurrently.
 """
 
@@ -196,7 +196,7 @@ _last_run: dict[tuple[str, str], float] = {}  # (database, jsonl) -> monotonic t
 
 
 async def purge_due(s: Settings, sm: sessionmaker) -> PurgeReport | None:
-    """The running server's retention (its housekeeping calls this): a purge every purge_interval_s."""
+    """The running server's retention (wired beside the analyzer): a purge every purge_interval_s."""
     if s.purge_interval_s <= 0:
         return None
     key = (s.resolved_database_url(), str(s.resolved_outbox_jsonl()))

@@ -1,41 +1,132 @@
-"""`proctor` command line: serve, inspect, analyze, keys, config."""
+"""`proctor` command line (typer): serve, inspect, analyze, demo, token, keys, dlq, purge, consume, agent, config.
+
+Errors a user can fix (a bad argument, a bad PROCTOR_* / LIVEKIT_* setting, a missing file) are one line on
+stderr, `proctor: ...`, with exit status 2 (usage, settings) or 1 (the work failed); never a traceback.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from livekit_proctor.analyzer.pipeline import ModelSet
+    from livekit_proctor.contracts.alerts import Alert
+    from livekit_proctor.settings import Settings
 
 
-def _observe(fmt: str, level: str, service: str) -> int:
-    """Logs in the configured format and, when the OTEL_* variables ask for it, traces; 2 on a bad setting."""
+class CliError(Exception):
+    """A failure the user can act on: printed as one line, exit status `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# click's UsageError (bad or missing argument, unknown command), which typer>=0.29 vendors without exporting it.
+_UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+def _settings(**overrides: Any) -> Settings:
+    from livekit_proctor.settings import Settings, describe_settings_error
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        raise CliError(describe_settings_error(e), 2) from None
+
+
+app = typer.Typer(
+    name="proctor",
+    help="Real-time AI proctoring for LiveKit.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+keys_app = typer.Typer(help="Manage API keys.")
+dlq_app = typer.Typer(help="Dead-lettered alerts.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(dlq_app, name="dlq")
+
+
+def _help_without_command(ctx: typer.Context) -> None:
+    """`proctor` or `proctor keys` alone: the help, on stdout, exit status 2 (nothing was done)."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
+
+
+keys_app.callback(invoke_without_command=True)(_help_without_command)
+dlq_app.callback(invoke_without_command=True)(_help_without_command)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from livekit_proctor import __version__
+
+    try:
+        return version("livekit-proctor")
+    except PackageNotFoundError:  # a checkout on sys.path without an install
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"proctor {_version()}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Real-time AI proctoring for LiveKit."""
+    _help_without_command(ctx)
+
+
+def _observe(fmt: str, level: str, service: str) -> None:
+    """Logs in the configured format and, when the OTEL_* variables ask for it, traces."""
     from livekit_proctor import observability
 
     observability.configure_logging(fmt, level)
     try:
         observability.configure_tracing(service)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        raise CliError(str(e), 2) from None
 
 
-def _serve(args: argparse.Namespace) -> int:
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (default PROCTOR_HOST, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port (default PROCTOR_PORT, 8080).")] = None,
+) -> None:
+    """Run the analyzer in the foreground (embedded defaults: SQLite, in-process outbox); Ctrl-C stops it."""
+    _serve(host, port)
+
+
+def _serve(host: str | None, port: int | None) -> None:
     import uvicorn
 
-    from livekit_proctor.analyzer.app import create_app
-    from livekit_proctor.settings import Settings
+    from livekit_proctor.wiring import analyzer_app
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
-    if rc := _observe(settings.log_format, settings.log_level, "proctor-analyzer"):
-        return rc
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = _settings(**overrides)
+    _observe(settings.log_format, settings.log_level, "proctor-analyzer")
     # The transport-level cap sits above the application's own limits, so an oversize
     # frame gets a clear error reply; only absurd messages are cut at this level.
     ws_max = 4 * max(settings.max_frame_bytes, settings.max_audio_chunk_bytes) + 64
     uvicorn.run(
-        create_app(settings),
+        analyzer_app(settings),
         host=settings.host,
         port=settings.port,
         ws_max_size=ws_max,
@@ -44,30 +135,32 @@ def _serve(args: argparse.Namespace) -> int:
         ws_ping_interval=20,
         ws_ping_timeout=20,
     )
-    return 0
 
 
-def _load_models():
+def _load_models(s: Settings) -> ModelSet:
     from livekit_proctor.analyzer.pipeline import ModelSet
-    from livekit_proctor.settings import Settings
 
-    s = Settings()
     return ModelSet.from_settings(s)
 
 
-def _inspect(args: argparse.Namespace) -> int:
+@app.command()
+def inspect(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per image (a list for several).")] = False,
+) -> None:
+    """Detect faces, people, objects and pose in images."""
     from livekit_proctor.analyzer.offline import inspect_image
 
-    models = _load_models()
+    models = _load_models(_settings())
     results = []
-    rc = 0
-    for p in args.images:
+    failed = False
+    for p in images:
         try:
-            results.append(inspect_image(models, Path(p)))
+            results.append(inspect_image(models, p))
         except ValueError as e:
-            results.append({"image": p, "error": str(e)})
-            rc = 1
-    if args.json:
+            results.append({"image": str(p), "error": str(e)})
+            failed = True
+    if json_out:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=None))
     else:
         for r in results:
@@ -76,271 +169,415 @@ def _inspect(args: argparse.Namespace) -> int:
             else:
                 scores = ", ".join(f"{f['score']:.2f}" for f in r["faces"])
                 print(f"{r['image']}: {r['face_count']} face(s) [{scores}]")
-    return rc
+    if failed:
+        raise typer.Exit(1)
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    from livekit_proctor.analyzer.offline import analyze_video
+class Sensitivity(StrEnum):
+    low = "low"
+    medium = "medium"
+    high = "high"
 
-    models = _load_models()
-    try:
-        from livekit_proctor.analyzer.rules.limits import IncidentLimiter
-        from livekit_proctor.settings import Settings
 
-        s = Settings()
-        alerts, summary = analyze_video(
-            models,
-            Path(args.video),
-            fps=args.fps or s.video_fps,
-            sensitivity=args.sensitivity,
-            calibration_s=args.calibration,
-            limiter=IncidentLimiter(s.incident_burst, s.incident_refill_s),
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def fmt_duration(s: float) -> str:
+    """2m13s, 1h02m05s, 4.2s: how a person reads a length of video."""
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(round(s), 60)
+    return f"{m}m{sec:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m{sec:02d}s"
+
+
+def incident_table(alerts: list[tuple[float, Alert]]) -> list[str]:
+    """One line per incident (its alerts share an id): when the condition began, when the alert was raised
+    (after the rule's threshold), when it ended, how long it lasted, its peak severity and its type."""
+    rows: dict[str, dict[str, Any]] = {}
     for offset, a in alerts:
-        if args.json:
+        ev = a.evidence or {}
+        since = ev.get("condition_since")
+        row = rows.setdefault(
+            a.incident_id or a.event_id,
+            {"since": since if isinstance(since, int | float) else offset, "alerted": offset, "end": None,
+             "duration": None, "type": str(a.event_type), "peak": 0.0},
+        )  # fmt: skip
+        row["peak"] = max(row["peak"], a.severity_score)
+        if a.incident_state == "ended":
+            row["end"] = offset
+            row["duration"] = ev.get("duration_s", offset - row["since"])
+
+    def t(v: float | None) -> str:
+        return "-" if v is None else fmt_duration(v)
+
+    lines = [f"{'since':>8}  {'alerted':>8}  {'ended':>8}  {'lasted':>8}  {'severity':>8}  event"]
+    for r in rows.values():
+        lines.append(
+            f"{t(r['since']):>8}  {t(r['alerted']):>8}  {t(r['end']):>8}  {t(r['duration']):>8}  {r['peak']:>8.2f}  "
+            f"{r['type']}"
+        )
+    return lines
+
+
+def _video_duration_s(path: Path) -> float | None:
+    """The container's length, for the progress bar; None where it does not say."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        frames, fps = cap.get(cv2.CAP_PROP_FRAME_COUNT), cap.get(cv2.CAP_PROP_FPS)
+    finally:
+        cap.release()
+    return frames / fps if frames > 0 and fps > 0 else None
+
+
+@app.command()
+def analyze(
+    video: Annotated[Path, typer.Argument(help="A recording (any format OpenCV reads).")],
+    json_out: Annotated[bool, typer.Option("--json", help="One canonical alert per line, with offset_s.")] = False,
+    fps: Annotated[
+        float | None, typer.Option(min=0.1, max=30, help="Analysis rate (default PROCTOR_VIDEO_FPS, 5).")
+    ] = None,
+    sensitivity: Annotated[Sensitivity, typer.Option(help="Rule thresholds.")] = Sensitivity.medium,
+    calibration: Annotated[
+        float | None,
+        typer.Option(min=0, max=600, help="Calibration period, s (default 30; head/gaze rules wait for it)."),
+    ] = None,
+) -> None:
+    """Run a recording through the session pipeline and print its incidents."""
+    from livekit_proctor.analyzer.offline import analyze_video
+    from livekit_proctor.analyzer.rules.limits import IncidentLimiter
+
+    s = _settings()
+    if not video.is_file():
+        raise CliError(f"{video}: cannot open video (no such file)")
+    models = _load_models(s)
+    with _ProgressBar(_video_duration_s(video)) as tick:
+        try:
+            alerts, summary = analyze_video(
+                models,
+                video,
+                fps=fps or s.video_fps,
+                sensitivity=sensitivity.value,
+                calibration_s=calibration,
+                limiter=IncidentLimiter(s.incident_burst, s.incident_refill_s),
+                progress=tick,
+            )
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    if json_out:
+        for offset, a in alerts:
             d = a.model_dump(mode="json")
             d["offset_s"] = offset
             print(json.dumps(d))
-        else:
-            ev = a.evidence
-            print(
-                f"{offset:8.2f}s  {a.event_type:<16} {a.incident_state:<8} severity={a.severity_score:.2f} "
-                f"duration={ev.get('duration_s')}s"
-            )
-    if not args.json:
-        print(
-            f"-- {summary['video']}: {summary['duration_s']}s, {summary['frames_analysed']} frames analysed, "
-            f"{summary['incidents']} incident(s)"
+        return
+    length = fmt_duration(summary["duration_s"])
+    if not alerts:
+        print(f"no incidents in {length} of video ({summary['frames_analysed']} frames analysed)")
+        return
+    print("\n".join(incident_table(alerts)))
+    print(f"-- {summary['incidents']} incident(s) in {length} of video ({summary['frames_analysed']} frames analysed)")
+
+
+class _ProgressBar:
+    """A progress bar on stderr while a recording is analysed, only when stderr is a terminal."""
+
+    def __init__(self, total_s: float | None) -> None:
+        self.total_s = total_s
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not sys.stderr.isatty():
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("analysing"),
+            BarColumn(),
+            TextColumn("{task.fields[at]} / {task.fields[of]}"),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            transient=True,  # the table replaces it
         )
-    return 0
+        of = fmt_duration(self.total_s) if self.total_s else "?"  # unknown length: a pulsing bar
+        task = self.bar.add_task("video", total=self.total_s, at="0s", of=of)
+        self.bar.start()
+
+        def tick(t: float) -> None:
+            self.bar.update(task, completed=t, at=fmt_duration(t))
+
+        return tick
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
-def _keys(args: argparse.Namespace) -> int:
+@app.command()
+def demo(
+    url: Annotated[str | None, typer.Option(help="A running analyzer (default: start one in this process).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="PROCTOR_DEMO_API_KEY", help="A system key of the analyzer at --url.")
+    ] = None,
+) -> None:
+    """Stream a synthetic clip (an empty seat, drawn in code) to an analyzer and print the alerts it sends."""
+    import asyncio
+
+    import httpx
+
+    from livekit_proctor import demo as demo_mod
+
+    try:
+        alerts = asyncio.run(demo_mod.run(url, api_key, _settings, lambda line: print(line, flush=True)))
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    except (OSError, RuntimeError, httpx.HTTPError) as e:
+        raise CliError(f"demo failed: {type(e).__name__}: {e}") from None
+    started = sum(1 for a in alerts if a.get("incident_state") == "started")
+    print(f"-- {len(alerts)} alert(s), {started} incident(s)")
+
+
+class Role(StrEnum):
+    system = "system"
+    proctor = "proctor"
+    admin = "admin"
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[Role, typer.Option(help="What the key may do.")],
+    label: Annotated[str, typer.Option(help="A note kept with the key.")] = "",
+) -> None:
+    """Create a key and print it (shown once)."""
     from livekit_proctor.analyzer.auth import KeyStore
     from livekit_proctor.datadir import prepare_data_dir
     from livekit_proctor.db import make_engine, make_sessionmaker
-    from livekit_proctor.settings import Settings
 
-    s = Settings()
+    s = _settings()
     prepare_data_dir(s)
     store = KeyStore(make_sessionmaker(make_engine(s.resolved_database_url())))
-    print(store.create(args.role, args.label))
-    return 0
+    print(store.create(role.value, label))
 
 
-def _dispatcher(_: argparse.Namespace) -> int:
+@app.command()
+def dispatcher() -> None:
+    """Run the alert dispatcher (outbox -> gRPC, Kafka, webhooks, ...)."""
     import asyncio
 
     from livekit_proctor.dispatcher.service import run_standalone
-    from livekit_proctor.settings import Settings
 
-    s = Settings()
-    if rc := _observe(s.log_format, s.log_level, "proctor-dispatcher"):
-        return rc
+    s = _settings()
+    _observe(s.log_format, s.log_level, "proctor-dispatcher")
     asyncio.run(run_standalone(s))
-    return 0
 
 
-def _dlq(args: argparse.Namespace) -> int:
+def _dead_letters(lane: str | None, ids: list[int] | None, list_only: bool, json_out: bool = False) -> None:
     import time
 
     from sqlalchemy import select
 
     from livekit_proctor.db import DeadLetterRow, make_engine, make_sessionmaker
-    from livekit_proctor.settings import Settings
 
-    s = Settings()
+    s = _settings()
     sm = make_sessionmaker(make_engine(s.resolved_database_url()))
     with sm.begin() as db:
         q = select(DeadLetterRow).where(DeadLetterRow.replayed_at.is_(None)).order_by(DeadLetterRow.id)
-        if args.lane:
-            q = q.where(DeadLetterRow.lane == args.lane)
-        if getattr(args, "ids", None):
-            q = q.where(DeadLetterRow.id.in_(args.ids))
+        if lane:
+            q = q.where(DeadLetterRow.lane == lane)
+        if ids:
+            q = q.where(DeadLetterRow.id.in_(ids))
         rows = list(db.scalars(q).all())
-        if args.dlq_cmd == "list":
+        if list_only:
             for r in rows:
                 d = {"id": r.id, "lane": r.lane, "event_id": r.event_id, "event_type": r.event_type,
                      "exam_session_id": r.exam_session_id, "attempts": r.attempts, "error": r.error,
                      "dead_at": r.dead_at, "replay_requested": r.replay_requested_at is not None}  # fmt: skip
-                print(json.dumps(d) if args.json else f"{r.id:>6} {r.lane:<8} {r.event_type:<22} {r.event_id} "
+                print(json.dumps(d) if json_out else f"{r.id:>6} {r.lane:<8} {r.event_type:<22} {r.event_id} "
                       f"attempts={r.attempts} {r.error[:80]}")  # fmt: skip
-            if not args.json:
+            if not json_out:
                 print(f"-- {len(rows)} dead letter(s) not replayed")
-            return 0
+            return
         if not rows:
             print("nothing to replay")
-            return 0
+            return
         now = time.time()
         for r in rows:
             r.replay_requested_at = now
     print(f"{len(rows)} dead letter(s) queued for replay; the running dispatcher sends them on their lane")
-    return 0
 
 
-def _purge(args: argparse.Namespace) -> int:
-    """Applies the retention settings once (cron): one line of what it removed; exit 1 with one line on failure."""
+@dlq_app.command("list")
+def dlq_list(
+    lane: Annotated[str | None, typer.Option(help="Only this lane (grpc, kafka, webhook, ...).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per dead letter.")] = False,
+) -> None:
+    """Dead letters not replayed."""
+    _dead_letters(lane, None, list_only=True, json_out=json_out)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="Dead letter ids (default: all).")] = None,
+    lane: Annotated[str | None, typer.Option(help="Only this lane.")] = None,
+) -> None:
+    """Ask the dispatcher to send dead letters again on their lane."""
+    _dead_letters(lane, ids, list_only=False)
+
+
+@app.command()
+def purge(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be removed.")] = False,
+) -> None:
+    """Delete data past its retention (outbox, dead letters, audit, alerts.jsonl): cron it."""
     from livekit_proctor.db import make_engine, make_sessionmaker, sqlite_path
-    from livekit_proctor.dispatcher.retention import purge
-    from livekit_proctor.settings import Settings
+    from livekit_proctor.dispatcher.retention import purge as run_purge
 
+    s = _settings()
     try:
-        s = Settings()
         db = sqlite_path(s.resolved_database_url())
         if db is not None and not db.exists():  # e.g. cron's working directory is not the server's
             raise FileNotFoundError(f"no database at {db} (set PROCTOR_DATA_DIR or PROCTOR_DATABASE_URL)")
         engine = make_engine(s.resolved_database_url())
         try:
-            report = purge(s, make_sessionmaker(engine), dry_run=args.dry_run)
+            report = run_purge(s, make_sessionmaker(engine), dry_run=dry_run)
         finally:
             engine.dispose()
     except Exception as e:
         msg = (str(e).strip().splitlines() or [""])[0]
-        print(f"error: purge failed: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 1
+        raise CliError(f"purge failed: {type(e).__name__}: {msg}") from None
     print(report.line())
-    return 0
 
 
-def _consume(args: argparse.Namespace) -> int:
+_CONSUMERS = {"grpc": "grpc_server", "kafka": "kafka", "webhook": "webhook"}  # kind -> module
+
+
+# The options after the first argument belong to the program started (consumer, agent worker), --help too.
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def consume(
+    ctx: typer.Context,
+    kind: Annotated[str | None, typer.Argument(help="grpc, kafka or webhook; its options follow (--help).")] = None,
+) -> None:
+    """Reference consumers: receive, verify, deduplicate, print alerts."""
     import importlib
 
-    name = {"grpc": "grpc_server", "kafka": "kafka", "webhook": "webhook"}[args.kind]
-    module = f"livekit_proctor.dispatcher.consumers.{name}"
-    return int(importlib.import_module(module).main(args.rest) or 0)
+    if kind in (None, "-h", "--help"):  # no help option of its own: `consume webhook --help` is the consumer's
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2 if kind is None else 0)
+    if kind not in _CONSUMERS:
+        raise CliError(f"unknown consumer {kind!r}: choose from {', '.join(_CONSUMERS)}", 2)
+    module = importlib.import_module(f"livekit_proctor.dispatcher.consumers.{_CONSUMERS[kind]}")
+    raise typer.Exit(int(module.main(ctx.args) or 0))
 
 
-def _token(args: argparse.Namespace) -> int:
-    """A LiveKit room token with the attributes the proctoring agent reads (docs/livekit.md)."""
+@app.command(context_settings=_PASS_THROUGH)
+def agent(ctx: typer.Context) -> None:
+    """Run the LiveKit agent worker (its arguments follow: start, dev, --help, ...)."""
+    from livekit_proctor.agent.worker import main as agent_main
+
+    raise typer.Exit(int(agent_main(ctx.args) or 0))
+
+
+class TokenRole(StrEnum):
+    candidate = "candidate"
+    proctor = "proctor"
+
+
+@app.command()
+def token(
+    room: Annotated[str, typer.Option(help="LiveKit room name.")],
+    identity: Annotated[str, typer.Option(help="Participant identity.")],
+    role: Annotated[TokenRole, typer.Option(help="candidate (publishes media) or proctor (watches).")],
+    name: Annotated[str | None, typer.Option(help="Display name (default the identity).")] = None,
+    exam_session_id: Annotated[str | None, typer.Option(help="Default ROOM-IDENTITY.")] = None,
+    candidate_id: Annotated[str | None, typer.Option(help="Default the identity.")] = None,
+    exam_id: Annotated[str | None, typer.Option(help="Default the room.")] = None,
+    dispatch: Annotated[bool, typer.Option("--dispatch", help="Ask LiveKit to dispatch the proctoring agent.")] = False,
+    api_key: Annotated[str | None, typer.Option(help="Default LIVEKIT_API_KEY.")] = None,
+    api_secret: Annotated[str | None, typer.Option(help="Default LIVEKIT_API_SECRET.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help='{"url": ..., "token": ...} on one line.')] = False,
+) -> None:
+    """Mint a LiveKit room token with the attributes the proctoring agent reads (docs/livekit.md).
+
+    Prints the server URL (LIVEKIT_URL) and the token: `url: ...` and `token: ...` lines.
+    """
     from livekit import api
 
-    from livekit_proctor.settings import Settings
-
-    s = Settings()
-    key, secret = args.api_key or s.livekit_api_key, args.api_secret or s.livekit_api_secret
+    s = _settings()
+    key, secret = api_key or s.livekit_api_key, api_secret or s.livekit_api_secret
     if not key or not secret:
-        print("error: set PROCTOR_LIVEKIT_API_KEY and PROCTOR_LIVEKIT_API_SECRET (or --api-key/--api-secret)",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    attrs = {"role": args.role}
-    if args.role == "candidate":
+        raise CliError("set LIVEKIT_API_KEY and LIVEKIT_API_SECRET (or --api-key/--api-secret)", 2)
+    attrs = {"role": role.value}
+    if role is TokenRole.candidate:
         attrs.update(
             {
-                "exam_session_id": args.exam_session_id or f"{args.room}-{args.identity}",
-                "candidate_id": args.candidate_id or args.identity,
-                "exam_id": args.exam_id or args.room,
+                "exam_session_id": exam_session_id or f"{room}-{identity}",
+                "candidate_id": candidate_id or identity,
+                "exam_id": exam_id or room,
             }
         )
-    grants = api.VideoGrants(room_join=True, room=args.room, can_publish=args.role == "candidate",
+    grants = api.VideoGrants(room_join=True, room=room, can_publish=role is TokenRole.candidate,
                              can_subscribe=True, can_publish_data=True)  # fmt: skip
     tok = (
         api.AccessToken(key, secret)
-        .with_identity(args.identity)
-        .with_name(args.name or args.identity)
+        .with_identity(identity)
+        .with_name(name or identity)
         .with_attributes(attrs)
         .with_grants(grants)
     )
-    if args.dispatch:
+    if dispatch:
         tok = tok.with_room_config(api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name=s.agent_name)]))
-    print(tok.to_jwt())
-    return 0
+    jwt = tok.to_jwt()
+    if json_out:
+        print(json.dumps({"url": s.livekit_url, "token": jwt}))
+    else:
+        print(f"url: {s.livekit_url or '(LIVEKIT_URL not set)'}")
+        print(f"token: {jwt}")
 
 
-def _agent(args: argparse.Namespace) -> int:
-    from livekit_proctor.agent.worker import main as agent_main
+@app.command()
+def config() -> None:
+    """Print the effective settings (secrets masked)."""
+    from livekit_proctor.settings import redact_url
 
-    return int(agent_main(args.rest) or 0)
-
-
-def _config(_: argparse.Namespace) -> int:
-    from livekit_proctor.settings import Settings, redact_url
-
-    s = Settings()
+    s = _settings()
     d = s.redacted()  # secrets masked (settings marked SECRET, secret-looking names, passwords in URLs)
     d["database_url"] = redact_url(s.resolved_database_url())
     print(json.dumps(d, indent=2))
-    return 0
+
+
+def _usage_line(e: Exception) -> str:
+    """click's message with where to look, on one line."""
+    ctx = getattr(e, "ctx", None)
+    cmd = ctx.command_path if ctx is not None else "proctor"
+    msg = " ".join(getattr(e, "format_message", e.__str__)().split())
+    return f"{msg} (see `{cmd} --help`)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="proctor", description="Real-time AI proctoring for LiveKit")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="proctor", standalone_mode=False)
+    except CliError as e:
+        print(f"proctor: {e}", file=sys.stderr)
+        return e.exit_code
+    except _UsageError as e:
+        print(f"proctor: {_usage_line(e)}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("proctor: aborted", file=sys.stderr)
+        return 130
+    except ValidationError as e:  # e.g. the agent's own settings (PROCTOR_AGENT_*), or a model built from arguments
+        from livekit_proctor.settings import describe_settings_error
 
-    p = sub.add_parser("serve", help="run the analyzer (embedded defaults: SQLite, in-process outbox)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.set_defaults(fn=_serve)
-
-    p = sub.add_parser("inspect", help="detect faces in images")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true", help="one JSON object per image (a list for several)")
-    p.set_defaults(fn=_inspect)
-
-    p = sub.add_parser("analyze", help="run a recording through the session pipeline and print its alerts")
-    p.add_argument("video")
-    p.add_argument("--json", action="store_true", help="one canonical alert per line, with offset_s")
-    p.add_argument("--fps", type=float, default=None, help="analysis rate (default PROCTOR_VIDEO_FPS, 5)")
-    p.add_argument("--sensitivity", choices=["low", "medium", "high"], default="medium")
-    p.add_argument(
-        "--calibration", type=float, default=None, help="calibration period, s (default 30; head/gaze rules wait)"
-    )
-    p.set_defaults(fn=_analyze)
-
-    p = sub.add_parser("keys", help="manage API keys")
-    ksub = p.add_subparsers(dest="keys_cmd", required=True)
-    k = ksub.add_parser("create", help="create a key and print it (shown once)")
-    k.add_argument("--role", choices=["system", "proctor", "admin"], required=True)
-    k.add_argument("--label", default="")
-    k.set_defaults(fn=_keys)
-
-    p = sub.add_parser("dispatcher", help="run the alert dispatcher (outbox -> gRPC, Kafka, webhooks, ...)")
-    p.set_defaults(fn=_dispatcher)
-
-    p = sub.add_parser("dlq", help="dead-lettered alerts")
-    dsub = p.add_subparsers(dest="dlq_cmd", required=True)
-    d = dsub.add_parser("list", help="dead letters not replayed")
-    d.add_argument("--lane")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(fn=_dlq)
-    d = dsub.add_parser("replay", help="ask the dispatcher to send dead letters again on their lane")
-    d.add_argument("ids", nargs="*", type=int, help="dead letter ids (default: all)")
-    d.add_argument("--lane")
-    d.set_defaults(fn=_dlq)
-
-    p = sub.add_parser("purge", help="delete data past its retention (outbox, dead letters, audit, alerts.jsonl)")
-    p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
-    p.set_defaults(fn=_purge)
-
-    p = sub.add_parser("consume", help="reference consumers: receive, verify, deduplicate, print alerts")
-    p.add_argument("kind", choices=["grpc", "kafka", "webhook"])
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the consumer (--help for them)")
-    p.set_defaults(fn=_consume)
-
-    p = sub.add_parser("token", help="mint a LiveKit room token with the proctoring attributes")
-    p.add_argument("--room", required=True)
-    p.add_argument("--identity", required=True)
-    p.add_argument("--role", choices=["candidate", "proctor"], required=True)
-    p.add_argument("--name")
-    p.add_argument("--exam-session-id")
-    p.add_argument("--candidate-id")
-    p.add_argument("--exam-id")
-    p.add_argument("--dispatch", action="store_true", help="ask LiveKit to dispatch the proctoring agent")
-    p.add_argument("--api-key")
-    p.add_argument("--api-secret")
-    p.set_defaults(fn=_token)
-
-    p = sub.add_parser("agent", help="run the LiveKit agent worker (args go to the worker: start, dev, ...)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_agent)
-
-    p = sub.add_parser("config", help="print the effective settings")
-    p.set_defaults(fn=_config)
-
-    args = ap.parse_args(argv)
-    return int(args.fn(args) or 0)
+        if e.title.endswith("Settings"):
+            line = describe_settings_error(e)
+        else:
+            first = e.errors(include_url=False, include_input=False)[0]
+            line = f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
+        print(f"proctor: {line}", file=sys.stderr)
+        return 2
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

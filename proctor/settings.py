@@ -1,5 +1,8 @@
 """All settings in one place. Environment variables prefixed PROCTOR_ (or a .env file) override them.
 
+The LiveKit credentials also come from LiveKit's own LIVEKIT_URL / LIVEKIT_API_KEY / LIVEKIT_API_SECRET (as
+livekit-agents and the `lk` CLI read them); PROCTOR_LIVEKIT_* override those.
+
 docs/operations.md lists every setting; `proctor config` prints the effective values.
 """
 
@@ -12,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # json_schema_extra of a setting whose value is secret: `proctor config` (Settings.redacted) masks it.
@@ -30,7 +33,8 @@ def redact_url(value: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PROCTOR_", env_file=".env", extra="ignore")
+    # populate_by_name: Settings(livekit_url=...) still works for the fields whose variables are aliases.
+    model_config = SettingsConfigDict(env_prefix="PROCTOR_", env_file=".env", extra="ignore", populate_by_name=True)
 
     # --- server
     host: str = "127.0.0.1"
@@ -69,6 +73,14 @@ class Settings(BaseSettings):
         description="Auth on the /ws/proctor/... endpoints: 'token' (stream token as ?token=) or 'none' "
         "(old clients unchanged; only for sessions started through the authenticated REST API)",
     )
+    legacy_audio_sample_rate: int = Field(
+        default=16_000,
+        ge=8_000,
+        le=192_000,
+        description="Sample rate (Hz) of PCM on /ws/proctor/{id}/audio when the client names none "
+        "(?sample_rate=); other rates are resampled to 16 kHz. 48000 for LiveKit clients that send their "
+        "default frames",
+    )
     metrics_public: bool = Field(default=False, description="Serve /metrics without an API key")
 
     # --- sessions
@@ -99,7 +111,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = 10.0
     subscriber_queue: int = Field(default=256, description="Messages buffered per events subscriber")
 
-    # --- inference
+    # --- inference (the model fields below are declared here once and read by their stages through
+    # analyzer/stages.py service_setting; a new stage declares its own settings in its module)
     inference_workers: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1))
     face_model: str = Field(default="full", description="BlazeFace variant: full (counting) or short")
     face_score_threshold: float = Field(
@@ -150,9 +163,21 @@ class Settings(BaseSettings):
     )
     redis_publish_stream: str | None = Field(default=None, description="Also XADD every alert to this stream")
     agent_name: str = Field(default="proctor", description="Agent name for explicit dispatch")
-    livekit_url: str | None = None
-    livekit_api_key: str | None = Field(default=None, json_schema_extra=SECRET)
-    livekit_api_secret: str | None = Field(default=None, json_schema_extra=SECRET)
+    livekit_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PROCTOR_LIVEKIT_URL", "LIVEKIT_URL"),
+        description="LiveKit server (PROCTOR_LIVEKIT_URL, else LIVEKIT_URL)",
+    )
+    livekit_api_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PROCTOR_LIVEKIT_API_KEY", "LIVEKIT_API_KEY"),
+        json_schema_extra=SECRET,
+    )
+    livekit_api_secret: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PROCTOR_LIVEKIT_API_SECRET", "LIVEKIT_API_SECRET"),
+        json_schema_extra=SECRET,
+    )
     room_transport: bool = Field(default=False, description="Dispatcher sends alerts into the room (no agent)")
 
     # --- outbox (embedded)
@@ -202,6 +227,25 @@ class Settings(BaseSettings):
 
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting (its first alias where it has several)."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return field if field.isupper() else f"PROCTOR_{field.upper()}"
+
+
+def describe_settings_error(e: ValidationError) -> str:
+    """One line naming each bad variable and why, never its value (it may be a secret)."""
+    parts = []
+    for err in e.errors(include_url=False, include_input=False, include_context=False):
+        loc = str(err["loc"][0]) if err["loc"] else "settings"
+        msg = err["msg"]
+        parts.append(f"{env_name(loc)}: {msg[:1].lower()}{msg[1:]}")
+    return "; ".join(parts)
 
 
 @lru_cache

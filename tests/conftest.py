@@ -114,8 +114,8 @@ class LiveServer:
     """A real analyzer (uvicorn + the app) on a loopback port, in a background thread."""
 
     def __init__(self, tmp: Path, port: int | None = None, **overrides: Any) -> None:
-        from livekit_proctor.analyzer.app import create_app
         from livekit_proctor.settings import Settings
+        from livekit_proctor.wiring import analyzer_app
 
         self.port = port or _free_port()
         self.settings = Settings(
@@ -128,7 +128,7 @@ class LiveServer:
             inference_workers=2,
             **overrides,
         )
-        self.app = create_app(self.settings)
+        self.app = analyzer_app(self.settings)
         ws_max = 4 * max(self.settings.max_frame_bytes, self.settings.max_audio_chunk_bytes) + 64
         cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", ws_max_size=ws_max)
         self.server = uvicorn.Server(cfg)

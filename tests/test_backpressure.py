@@ -15,7 +15,7 @@ from livekit_proctor.analyzer.sessions import SessionManager
 from livekit_proctor.contracts import wire
 from livekit_proctor.contracts.api import SessionStartRequest
 from livekit_proctor.db import make_engine, make_sessionmaker
-from livekit_proctor.dispatcher.outbox import SqlOutbox
+from livekit_proctor.dispatcher.outbox import SqlOutbox  # the outbox `proctor serve` wires by default
 from livekit_proctor.settings import Settings
 
 
@@ -34,7 +34,7 @@ async def manager(tmp_path: Path):  # type: ignore[no-untyped-def]
 async def test_audio_bound_blocks_instead_of_dropping(manager: SessionManager) -> None:
     live, _ = await manager.start(SessionStartRequest(exam_session_id="bp", candidate_id="c", exam_id="e"), "t")
     sub = live.subscribe(media=True)
-    consumer = live._tasks[1]
+    consumer = live.workers.tasks["audio"]
     consumer.cancel()  # a stalled audio consumer
     with contextlib.suppress(asyncio.CancelledError):
         await consumer
@@ -47,8 +47,7 @@ async def test_audio_bound_blocks_instead_of_dropping(manager: SessionManager) -
     blocked = asyncio.create_task(live.offer_audio(wire.MediaMessage(wire.Kind.AUDIO, 10, time.time(), chunk)))
     await asyncio.sleep(0.2)
     assert not blocked.done() and live.audio_fill() == pytest.approx(1.0)
-    live._tasks[1] = asyncio.create_task(live._audio_worker())  # the consumer recovers
-    live._audio_ready.set()
+    live.workers.start("audio", live._audio_worker)  # the consumer recovers
     await asyncio.wait_for(blocked, 5)
     for _ in range(100):
         if live.counters.audio_bytes == 11 * 3200:
@@ -60,7 +59,7 @@ async def test_audio_bound_blocks_instead_of_dropping(manager: SessionManager) -
 
 async def test_video_latest_wins(manager: SessionManager) -> None:
     live, _ = await manager.start(SessionStartRequest(exam_session_id="lw", candidate_id="c", exam_id="e"), "t")
-    video = live._tasks[0]
+    video = live.workers.tasks["video"]
     video.cancel()  # analysis stalled
     with contextlib.suppress(asyncio.CancelledError):
         await video
@@ -68,5 +67,5 @@ async def test_video_latest_wins(manager: SessionManager) -> None:
     for i in range(50):
         live.offer_frame(wire.MediaMessage(wire.Kind.VIDEO, i, t + i * 0.2, b"\xff\xd8"))
     # One frame waits (the newest); the 49 before it were dropped and counted.
-    assert live._frame is not None and live._frame[0].seq == 49
+    assert live.video.waiting is not None and live.video.waiting[0].seq == 49
     assert live.counters.frames_dropped == 49 and live.counters.frames_received == 50

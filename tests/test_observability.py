@@ -120,7 +120,7 @@ def test_cli_reports_a_bad_exporter_in_one_plain_line(tmp_path: Path) -> None:
         [sys.executable, "-m", "livekit_proctor.cli", "dispatcher"], env=env, cwd=REPO, capture_output=True, text=True
     )
     assert r.returncode == 2
-    assert r.stderr.startswith("error: OTEL_TRACES_EXPORTER: unknown exporter 'zipkin-typo'")
+    assert r.stderr.startswith("proctor: OTEL_TRACES_EXPORTER: unknown exporter 'zipkin-typo'")
     assert len(r.stderr.strip().splitlines()) == 1
 
 

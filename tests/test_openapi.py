@@ -13,8 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
-from livekit_proctor.analyzer.app import create_app
 from livekit_proctor.settings import Settings
+from livekit_proctor.wiring import analyzer_app
 from tests.conftest import ADMIN_KEY, PROCTOR_KEY, LiveServer
 
 CHECKS = [
@@ -41,7 +41,7 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]
 # The document the server serves (test_served_document_is_this_one), built without starting anything, so
 # that pytest can collect one test per operation. (schemathesis.pytest.from_fixture, which would load it from
 # the running server, fails on pytest 9: it sets a private node attribute pytest no longer has.)
-DOC = create_app(Settings(data_dir=Path("unused"))).openapi()
+DOC = analyzer_app(Settings(data_dir=Path("unused"))).openapi()
 schema = schemathesis.openapi.from_dict(DOC)
 
 

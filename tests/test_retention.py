@@ -246,6 +246,24 @@ async def test_the_server_purges_at_most_every_purge_interval(tmp_path: Path, sm
     assert await retention.purge_due(settings(tmp_path, purge_interval_s=0), sm) is None  # disabled
 
 
+async def test_the_running_server_applies_retention_on_its_own(tmp_path: Path) -> None:
+    """`proctor serve` runs retention beside the analyzer (livekit_proctor.wiring): an old audit row goes."""
+    srv = LiveServer(tmp_path, expiry_sweep_s=0.2, purge_interval_s=0.2).start()
+    try:
+        srv.start_session("audit-old")
+        sm = make_sessionmaker(make_engine(srv.settings.resolved_database_url()))
+        with sm.begin() as db:
+            db.execute(update(AuditRow).values(at=datetime.now(UTC) - timedelta(days=91)))
+
+        def purged() -> bool:
+            with sm() as db:
+                return not list(db.scalars(select(AuditRow.target)))
+
+        await wait_until(purged, what="the server's retention to remove the 91-day-old audit row")
+    finally:
+        srv.stop()
+
+
 # ---- alerts.jsonl
 
 
@@ -374,14 +392,14 @@ def test_purge_command_output_dry_run_and_idempotence(tmp_path: Path) -> None:
 def test_purge_command_fails_with_one_line(tmp_path: Path) -> None:
     r = cli(tmp_path, "purge")  # cron in the wrong directory: no database there
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.startswith("error: purge failed: FileNotFoundError: no database at proctor-data/proctor.db")
+    assert r.stderr.startswith("proctor: purge failed: FileNotFoundError: no database at proctor-data/proctor.db")
     assert len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "proctor-data").exists()  # and it did not create one
 
     (tmp_path / "proctor-data").mkdir()
     make_engine(settings(tmp_path / "proctor-data").resolved_database_url()).dispose()
     r = cli(tmp_path, "purge", PROCTOR_OUTBOX="redis", PROCTOR_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
-    assert r.returncode == 1 and r.stderr.startswith("error: purge failed: ConnectionError")
+    assert r.returncode == 1 and r.stderr.startswith("proctor: purge failed: ConnectionError")
     assert len(r.stderr.splitlines()) == 1
 
 

@@ -38,15 +38,12 @@ def mesh(yaw: float = 0, pitch: float = 0, gyaw: float | None = None, gpitch: fl
 
 def frame(t: float, faces: int = 1, m: FaceMesh | None = None, objects: list[Detection] | None = None,
           pose: dict[str, tuple[float, float, float]] | None = None, face: Face = FACE) -> FrameSignals:  # fmt: skip
-    s = FrameSignals(seq=round(t * 10), ts=t, width=W, height=H,
-                     faces=[face] + [Face(Box(20 + 60 * i, 20, 50, 60), 0.8) for i in range(faces - 1)]
-                     if faces else [])  # fmt: skip
-    s.mesh = m if faces else None
-    if objects is not None:
-        s.objects, s.objects_ts = objects, t
-    if pose is not None:
-        s.pose, s.pose_ran = (BodyPose(pose, 0.9) if pose else None), True
-    return s
+    return FrameSignals(seq=round(t * 10), ts=t, width=W, height=H,
+                        faces=[face] + [Face(Box(20 + 60 * i, 20, 50, 60), 0.8) for i in range(faces - 1)]
+                        if faces else [],
+                        mesh=m if faces else None,
+                        objects=objects, objects_ts=t if objects is not None else None,
+                        pose=BodyPose(pose, 0.9) if pose else None, pose_ran=pose is not None)  # fmt: skip
 
 
 def run(e: RuleEngine, t0: float, t1: float, fps: float = 5.0, **kw: Any) -> list[RuleEvent]:

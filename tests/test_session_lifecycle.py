@@ -111,6 +111,7 @@ def test_metrics_and_admin_views(server: LiveServer) -> None:
             "proctor_active_sessions",
             "proctor_queue_depth",
             "proctor_alerts_total",
+            "proctor_dispatch_delivered_total",  # the embedded dispatcher's, wired beside the analyzer
         ):
             assert name in text
         sessions = c.get("/api/v1/admin/sessions", params={"state": "active"}).json()["sessions"]
@@ -119,6 +120,7 @@ def test_metrics_and_admin_views(server: LiveServer) -> None:
         assert stats["active_sessions"] >= 1 and stats["dispatcher"]["ok"] is True
         ready = c.get("/.well-known/ready").json()
         assert ready["ready"] is True and ready["models"]["face"].startswith("mediapipe")
+        assert "lanes" in ready["delivery"]  # the embedded dispatcher's state
 
 
 async def test_session_survives_analyzer_restart(tmp_path: Path) -> None:
@@ -184,7 +186,7 @@ async def test_muted_camera_raises_camera_off_and_tells_the_candidate(server: Li
 
 
 async def test_frames_that_stop_raise_camera_off(tmp_path: Path) -> None:
-    from livekit_proctor.analyzer.rules import policy
+    from livekit_proctor.analyzer.rules import catalog
 
     srv = LiveServer(tmp_path).start()
     try:
@@ -201,6 +203,7 @@ async def test_frames_that_stop_raise_camera_off(tmp_path: Path) -> None:
                     and m["alert"]["incident_state"] == "ended"
                 )
             )
-        assert policy.RULE_DEFAULTS["CAMERA_OFF"].trigger_after_s == 2.0
+        camera_off = catalog.spec("CAMERA_OFF")
+        assert camera_off is not None and camera_off.trigger_after_s == 2.0
     finally:
         srv.stop()

@@ -36,8 +36,9 @@ async def ready(request: Request) -> JSONResponse:
     sink = st.sink.state() if getattr(st, "sink", None) else {"ok": False}
     ok = bool(models) and bool(sink.get("ok"))
     body = {"ready": ok, "models": models, "dispatcher": sink, "inference_workers": st.settings.inference_workers}
-    if getattr(st, "dispatcher", None) is not None:
-        body["delivery"] = st.dispatcher.state()
+    host = getattr(st, "host", None)
+    if host is not None and host.delivery is not None:
+        body["delivery"] = host.delivery()
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -58,10 +59,10 @@ async def metrics(request: Request, key: Annotated[str | None, Security(presente
             raise HTTPException(401, "metrics need an admin API key (or PROCTOR_METRICS_PUBLIC=true)")
         if p.role not in CAN_ADMIN:
             raise HTTPException(403, f"role '{p.role}' may not read metrics (needs admin)")
-    st.metrics.queue_depth.labels("audio").set(sum(s._audio_bytes for s in st.sessions.live.values()))
+    st.metrics.queue_depth.labels("audio").set(sum(s.audio.bytes for s in st.sessions.live.values()))
     body = generate_latest(st.metrics.registry)
-    if getattr(st, "dispatcher", None) is not None:
-        body += generate_latest(st.dispatcher.metrics.registry)  # embedded dispatcher
+    for registry in st.host.registries:  # what runs beside the analyzer (an embedded dispatcher)
+        body += generate_latest(registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

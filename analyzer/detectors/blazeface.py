@@ -30,6 +30,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 from livekit_proctor.analyzer.detectors.base import Box, Face, check_rgb
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.signals import Signals
+from livekit_proctor.analyzer.stages import Stage, StageSettings, service_setting
 
 KEYPOINT_NAMES: tuple[str, ...] = (
     "right_eye",
@@ -294,3 +296,28 @@ class BlazeFaceDetector:
         # weighted_nms already returns best first; sort again to make it a contract.
         faces.sort(key=lambda f: f.score, reverse=True)
         return faces
+
+
+# ---- the stage (analyzer/stages.py)
+
+
+class FaceSettings(StageSettings):
+    face_model: str = service_setting("face_model")
+    face_score_threshold: float = service_setting("face_score_threshold")
+
+
+class FaceStage(Stage):
+    """Faces on every analysed frame; the other stages and the rules build on it."""
+
+    name = "face"
+    writes = "faces"
+    required = True
+    settings_model = FaceSettings
+
+    def __init__(self, settings: FaceSettings) -> None:
+        super().__init__(settings)
+        self.detector = BlazeFaceDetector(variant=settings.face_model, score_threshold=settings.face_score_threshold)
+        self.model, self.verified = self.detector.name, self.detector.verified
+
+    def run(self, media: np.ndarray, signals: Signals) -> list[Face]:
+        return self.detector.detect(media)

@@ -45,6 +45,8 @@ from flatbuffers import flexbuffers
 
 from livekit_proctor.analyzer.detectors.base import Face, FaceMesh, Gaze, HeadPose, check_rgb
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.signals import Signals
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_setting
 
 MODEL_NAME = "face_landmark_with_attention"
 MODEL_FILE = "face_landmark_with_attention.tflite"
@@ -586,3 +588,35 @@ class MediapipeFaceMesh:
         landmarks = roi.to_image(local)
         pose = head_pose(landmarks, w, h)
         return FaceMesh(landmarks=landmarks, score=score, head_pose=pose, gaze=gaze(landmarks, pose))
+
+
+# ---- the stage (analyzer/stages.py)
+
+
+class FaceMeshSettings(StageSettings):
+    face_mesh: bool = service_setting("face_mesh")
+
+
+class FaceMeshStage(Stage):
+    """Landmarks, head pose and gaze of the largest face, on every analysed frame with a face."""
+
+    name = "face_mesh"
+    writes = "mesh"
+    reads = ("faces",)
+    settings_model = FaceMeshSettings
+
+    def __init__(self, settings: FaceMeshSettings) -> None:
+        super().__init__(settings)
+        self.estimator = MediapipeFaceMesh()
+        self.model, self.verified = self.estimator.name, self.estimator.verified
+
+    @classmethod
+    def enabled(cls, settings: FaceMeshSettings) -> bool:
+        return settings.face_mesh
+
+    def due(self) -> Due:
+        return Due(if_face=True)
+
+    def run(self, media: np.ndarray, signals: Signals) -> FaceMesh | None:
+        faces: list[Face] = signals.values["faces"]
+        return self.estimator.estimate(media, max(faces, key=lambda f: f.box.w * f.box.h))

@@ -37,6 +37,8 @@ import numpy as np
 
 from livekit_proctor.analyzer.detectors.base import Box, Detection, ObjectDetector, check_rgb
 from livekit_proctor.analyzer.detectors.manifest import models_dir, verify
+from livekit_proctor.analyzer.signals import Signals
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_setting
 
 COCO_CLASSES: tuple[str, ...] = (
     "person",
@@ -120,6 +122,7 @@ COCO_CLASSES: tuple[str, ...] = (
     "hair drier",
     "toothbrush",
 )
+
 
 def nanodet_model() -> Path:
     """The bundled NanoDet-Plus ONNX file (under PROCTOR_MODELS_DIR when that is set)."""
@@ -544,3 +547,37 @@ def load_object_detector(spec: str = "nanodet", **kwargs: Any) -> ObjectDetector
     raise ValueError(
         f"unknown object detector {spec!r}; expected 'nanodet', 'yolo:<model.onnx>' or 'ultralytics:<weights>'"
     )
+
+
+# ---- the stage (analyzer/stages.py)
+
+
+class ObjectsSettings(StageSettings):
+    objects_model: str = service_setting("objects_model")
+    objects_fps: float = service_setting("objects_fps")
+    motion_threshold: float = service_setting("motion_threshold")
+
+
+class ObjectsStage(Stage):
+    """Persons, phones, books: at objects_fps, and only when the scene moved (a still frame reuses the last
+    detections), at least every 5 s."""
+
+    name = "objects"
+    writes = "objects"
+    settings_model = ObjectsSettings
+
+    def __init__(self, settings: ObjectsSettings) -> None:
+        super().__init__(settings)
+        self.detector = load_object_detector(settings.objects_model)
+        self.model, self.verified = self.detector.name, bool(getattr(self.detector, "verified", False))
+
+    @classmethod
+    def enabled(cls, settings: ObjectsSettings) -> bool:
+        return settings.objects_model != "none"
+
+    def due(self) -> Due:
+        s = self.settings
+        return Due(interval_s=1.0 / s.objects_fps, motion_threshold=s.motion_threshold, max_gated_s=5.0)
+
+    def run(self, media: np.ndarray, signals: Signals) -> list[Detection]:
+        return self.detector.detect(media)

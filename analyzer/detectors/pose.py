@@ -42,6 +42,8 @@ from ai_edge_litert.interpreter import Interpreter
 from livekit_proctor.analyzer.detectors.base import BodyPose, check_rgb
 from livekit_proctor.analyzer.detectors.blazeface import ssd_anchors, weighted_nms
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.signals import Signals
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_setting
 
 # mediapipe.solutions.pose.PoseLandmark, lower case, in model output order.
 KEYPOINT_NAMES: tuple[str, ...] = (
@@ -384,3 +386,34 @@ def hand_near_ear(
         return False, math.inf
     ratio = min(math.hypot(e[0] - p[0], e[1] - p[1]) for e in ears for p in hands) / width
     return ratio <= max_dist_ratio, ratio
+
+
+# ---- the stage (analyzer/stages.py)
+
+
+class PoseSettings(StageSettings):
+    body_pose: bool = service_setting("body_pose")
+    pose_fps: float = service_setting("pose_fps")
+
+
+class PoseStage(Stage):
+    """The candidate's body pose at pose_fps (None when no body is found)."""
+
+    name = "pose"
+    writes = "pose"
+    settings_model = PoseSettings
+
+    def __init__(self, settings: PoseSettings) -> None:
+        super().__init__(settings)
+        self.estimator = MediapipePose()
+        self.model, self.verified = self.estimator.name, self.estimator.verified
+
+    @classmethod
+    def enabled(cls, settings: PoseSettings) -> bool:
+        return settings.body_pose
+
+    def due(self) -> Due:
+        return Due(interval_s=1.0 / self.settings.pose_fps)
+
+    def run(self, media: np.ndarray, signals: Signals) -> BodyPose | None:
+        return self.estimator.estimate(media)

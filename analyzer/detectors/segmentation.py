@@ -13,6 +13,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 from livekit_proctor.analyzer.detectors.base import check_rgb
 from livekit_proctor.analyzer.detectors.manifest import mediapipe_model, verify
+from livekit_proctor.analyzer.signals import Signals
+from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_setting
 
 # Pixels with a person probability above this count as person.
 MASK_THRESHOLD = 0.5
@@ -53,3 +55,34 @@ class SelfieSegmenter:
         it.invoke()
         mask = it.get_tensor(i_out)[0, :, :, 0]
         return float(np.mean(mask > MASK_THRESHOLD))
+
+
+# ---- the stage (analyzer/stages.py)
+
+
+class SegmentationSettings(StageSettings):
+    segmentation: bool = service_setting("segmentation")
+
+
+class SegmentationStage(Stage):
+    """Only without a face: then it tells "someone is there, face hidden" from "nobody"."""
+
+    name = "segmentation"
+    writes = "person_fraction"
+    reads = ("faces",)
+    settings_model = SegmentationSettings
+
+    def __init__(self, settings: SegmentationSettings) -> None:
+        super().__init__(settings)
+        self.segmenter = SelfieSegmenter()
+        self.model, self.verified = self.segmenter.name, self.segmenter.verified
+
+    @classmethod
+    def enabled(cls, settings: SegmentationSettings) -> bool:
+        return settings.segmentation
+
+    def due(self) -> Due:
+        return Due(if_face=False)
+
+    def run(self, media: np.ndarray, signals: Signals) -> float:
+        return self.segmenter.person_fraction(media)

@@ -1,13 +1,13 @@
 """Reference webhook receiver: verifies Standard Webhooks signatures, deduplicates, prints alerts.
 
-    python -m dispatcher.consumers.webhook --secret whsec_... [--secret whsec_OLD...] \\
-        [--host 127.0.0.1] [--port 9000] [--record seen.txt] [--tolerance 300] [--quiet]
+    proctor consume webhook --secret whsec_... [--secret whsec_OLD...] \\
+        [--host 127.0.0.1] [--port 9000] [--record seen.txt] [--quiet]
 
 POST to any path. Answers:
 
 - 204 to a valid delivery, new or duplicate (a duplicate must be acknowledged too, or the sender retries
   it forever);
-- 400 {"error", "reason"} for missing/bad headers, a timestamp outside the tolerance, or a body that is
+- 400 {"error", "reason"} for missing/bad headers, a timestamp more than 5 minutes off, or a body that is
   not an alert object whose event_id equals webhook-id; 401 for a signature that matches no secret.
 
 Deduplication is by webhook-id (= the alert's event_id). New alerts are printed to stdout, one JSON line
@@ -32,7 +32,6 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from livekit_proctor.dispatcher.webhook_signing import (
-    DEFAULT_TOLERANCE_S,
     WebhookSecretError,
     WebhookVerificationError,
     validate_secrets,
@@ -114,7 +113,6 @@ def build_app(
     secrets: list[str],
     *,
     record: Path | None = None,
-    tolerance_s: float = DEFAULT_TOLERANCE_S,
     print_alerts: bool = True,
     fail_first: int = 0,
 ) -> FastAPI:
@@ -143,7 +141,7 @@ def build_app(
         body = await request.body()  # the raw bytes: the signature covers them, not a re-serialization
         state.received += 1
         try:
-            verify(secrets, request.headers, body, tolerance_s=tolerance_s)
+            verify(secrets, request.headers, body)
         except WebhookVerificationError as e:
             status = 401 if e.code == "no_matching_signature" else 400
             return _reject(state, status, e.code, e.reason)
@@ -170,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     ap = argparse.ArgumentParser(
-        prog="python -m dispatcher.consumers.webhook",
+        prog="proctor consume webhook",
         description="Reference receiver for the webhook transport (Standard Webhooks signatures).",
     )
     ap.add_argument("--host", default="127.0.0.1")
@@ -182,12 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"whsec_... secret; repeat for rotation (default: ${SECRETS_ENV}, comma-separated)",
     )
     ap.add_argument("--record", type=Path, default=None, help="file of processed ids: loaded at start, appended")
-    ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_S, help="timestamp tolerance, seconds")
     ap.add_argument("--quiet", action="store_true", help="do not print alerts")
     args = ap.parse_args(argv)
     secrets = args.secret or os.environ.get(SECRETS_ENV, "").replace(",", " ").split()
     try:
-        app = build_app(secrets, record=args.record, tolerance_s=args.tolerance, print_alerts=not args.quiet)
+        app = build_app(secrets, record=args.record, print_alerts=not args.quiet)
     except WebhookSecretError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,27 +11,13 @@ the same event_id (and the same seq).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from livekit_proctor.contracts.outbox import Envelope as Envelope  # what every transport is handed
 from livekit_proctor.retry import DISPATCH, RetryPolicy
 
 __all__ = ["DISPATCH", "DeliveryError", "Envelope", "RetryPolicy", "Transport", "TransportStats"]
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    seq: int  # position in the outbox: increasing, unique per outbox
-    event_id: str  # the alert's event_id: the consumers' deduplication key
-    exam_session_id: str  # Kafka key / per-session ordering
-    event_type: str
-    payload: bytes  # the canonical alert as UTF-8 JSON (proctor.contracts.alerts.Alert)
-    created_at: float  # Unix seconds when the analyzer appended it (for delivery latency)
-    attempts: int = 0  # failed attempts so far on the current transport
-
-    def alert(self) -> dict[str, Any]:
-        return json.loads(self.payload)
 
 
 @dataclass

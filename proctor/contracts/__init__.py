@@ -6,4 +6,5 @@ wire.py     the v1 WebSocket streaming protocol (docs/protocol.md): binary media
             every server message (ServerMessage, parse_server_message)
 room.py     the LiveKit room data channel: topics, packet limit, fit_packet, the feedback packet
 api.py      REST request / response bodies
+outbox.py   the outbox interface (AlertSink) and the envelope a dispatcher reads
 """
