@@ -34,6 +34,7 @@ from typing import IO, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from livekit_proctor.dispatcher.consumers.record import load_record
 from livekit_proctor.dispatcher.transports.kafka import (
     DEFAULT_TOPIC,
     ensure_topics,
@@ -43,23 +44,6 @@ from livekit_proctor.dispatcher.transports.kafka import (
 from livekit_proctor.retry import CONSUMER_START
 
 log = logging.getLogger("proctor.consumer.kafka")
-
-
-def load_record(path: Path) -> set[str]:
-    """Ids already processed: one per line (a line that is a JSON object contributes its event_id)."""
-    seen: set[str] = set()
-    if not path.exists():
-        return seen
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError, AttributeError):
-                eid = json.loads(line).get("event_id")
-                if isinstance(eid, str):
-                    seen.add(eid)
-        elif line:
-            seen.add(line)
-    return seen
 
 
 @dataclass

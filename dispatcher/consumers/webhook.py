@@ -31,6 +31,7 @@ from typing import IO, Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from livekit_proctor.dispatcher.consumers.record import load_record
 from livekit_proctor.dispatcher.webhook_signing import (
     WebhookSecretError,
     WebhookVerificationError,
@@ -39,25 +40,6 @@ from livekit_proctor.dispatcher.webhook_signing import (
 )
 
 SECRETS_ENV = "PROCTOR_WEBHOOK_SECRETS"  # comma-separated, as for the dispatcher; keeps secrets out of `ps`
-
-
-def load_record(path: Path) -> set[str]:
-    """Ids already processed: one per line (a line that is a JSON object contributes its event_id)."""
-    seen: set[str] = set()
-    if not path.exists():
-        return seen
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                eid = json.loads(line).get("event_id")
-                if isinstance(eid, str):
-                    seen.add(eid)
-            continue
-        seen.add(line)
-    return seen
 
 
 class ReceiverState:
