@@ -398,18 +398,7 @@ class KafkaTransport:
         if not batch:
             return
         async with self._lock:
-            try:
-                producer = await self._ensure_producer()
-                delivered, err = await self._produce(producer, self.topic, [(e, _headers(e)) for e in batch])
-            except DeliveryError:
-                raise
-            except (Exception, asyncio.CancelledError) as e:
-                # Not a failure mode we know: report it as a retriable delivery failure rather than let it (or
-                # a CancelledError leaked by aiokafka) take down the dispatcher lane. Nothing counted as acked.
-                if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
-                    raise
-                await self._drop_producer(abort=True)
-                raise self._fail(f"kafka: unexpected {_describe(e)}", 0) from e
+            delivered, err = await self._produce_guarded(self.topic, [(e, _headers(e)) for e in batch], "kafka")
             self.stats.delivered += delivered
             if delivered:
                 self._idempotent_acked = self._idempotent_acked or self._mode == "enabled"
@@ -433,6 +422,23 @@ class KafkaTransport:
                 delivered,
                 permanent=permanent,
             ) from err
+
+    async def _produce_guarded(
+        self, topic: str, records: list[tuple[Envelope, list[tuple[str, bytes]]]], what: str
+    ) -> tuple[int, BaseException | None]:
+        """_produce on the current producer, called with self._lock held. A failure mode we do not know is
+        reported as a retriable DeliveryError (nothing counted as acked) rather than let it, or a CancelledError
+        leaked by aiokafka, take down the dispatcher lane."""
+        try:
+            producer = await self._ensure_producer()
+            return await self._produce(producer, topic, records)
+        except DeliveryError:
+            raise
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
+                raise
+            await self._drop_producer(abort=True)
+            raise self._fail(f"{what}: unexpected {_describe(e)}", 0) from e
 
     async def _produce(
         self, producer: AIOKafkaProducer, topic: str, records: list[tuple[Envelope, list[tuple[str, bytes]]]]
@@ -493,16 +499,7 @@ class KafkaTransport:
             ("dead_lettered_at", repr(time.time()).encode()),
         ]
         async with self._lock:
-            try:
-                producer = await self._ensure_producer()
-                delivered, err = await self._produce(producer, self.dlq_topic, [(envelope, headers)])
-            except DeliveryError:
-                raise
-            except (Exception, asyncio.CancelledError) as e:
-                if isinstance(e, asyncio.CancelledError) and not stray_cancel(e):
-                    raise
-                await self._drop_producer(abort=True)
-                raise self._fail(f"kafka DLQ: unexpected {_describe(e)}", 0) from e
+            delivered, err = await self._produce_guarded(self.dlq_topic, [(envelope, headers)], "kafka DLQ")
             if delivered == 1:
                 self.dead_lettered += 1
                 self._last_ok = time.monotonic()
