@@ -2,7 +2,7 @@
 
     python bench/grpc_throughput.py [--batches 200] [--batch-size 100] [--record] [--no-typed] [--target H:P]
 
-Starts the reference consumer (python -m dispatcher.consumers.grpc_server --quiet) in its own process on a free
+Starts the reference consumer (proctor consume grpc --quiet) in its own process on a free
 port unless --target is given, then sends --batches batches of --batch-size realistic alerts (about 700 bytes of
 JSON each) through one GrpcTransport and prints envelopes/s and the p50 / p95 / max latency of one send()
 (from the first write to the Ack covering the batch). The first 10 batches are a warm-up and not counted.

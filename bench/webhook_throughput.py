@@ -2,7 +2,7 @@
 
     python bench/webhook_throughput.py [--n 3000] [--concurrency 1,4,16] [--sessions 32] [--batch 50]
 
-Starts the reference receiver (`python -m dispatcher.consumers.webhook --quiet`, a separate process so
+Starts the reference receiver (`proctor consume webhook --quiet`, a separate process so
 sender and receiver do not share a GIL) on a free loopback port, then per concurrency setting sends --n
 signed alerts (realistic canonical payloads, --sessions sessions round-robin) through
 WebhookTransport.send() in batches of --batch, and prints deliveries/s (wall clock over the whole run) and

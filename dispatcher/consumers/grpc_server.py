@@ -1,6 +1,6 @@
 """Reference AlertDelivery consumer (server side of proto/proctoring/v1/delivery.proto).
 
-    python -m dispatcher.consumers.grpc_server --port 50051 --record seen.txt [--tls-cert C --tls-key K
+    proctor consume grpc --port 50051 --record seen.txt [--tls-cert C --tls-key K
         [--client-ca CA]] [--quiet]
 
 - Deduplicates by event_id: per process, plus the event_ids already in --record, so a restarted consumer
@@ -404,7 +404,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dispatcher.consumers.grpc_server", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="proctor consume grpc", description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=50051, help="0: any free port (printed on stderr)")
     ap.add_argument("--record", type=Path, default=None, help="append each new event_id here (and FILE.acks.json)")

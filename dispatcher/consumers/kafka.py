@@ -1,6 +1,6 @@
 """Reference Kafka consumer: reads the alert topic, deduplicates by event_id, prints alerts.
 
-    python -m dispatcher.consumers.kafka --bootstrap HOST:PORT [--topic proctoring.alerts.v1] \\
+    proctor consume kafka --bootstrap HOST:PORT [--topic proctoring.alerts.v1] \\
         [--group proctor-consumer] [--record seen.txt] [--from-latest] [--quiet]
 
 Delivery is at least once, so the same event_id can arrive more than once (a retried produce, a redelivery
