@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -115,16 +116,23 @@ def test_analyze_shows_progress_on_a_terminal(tmp_path: Path) -> None:
         env=clean_env(COLUMNS="100"),
     )
     os.close(slave)
-    stdout = proc.communicate(timeout=300)[0]
     terminal = bytearray()
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not chunk:
-            break
-        terminal.extend(chunk)
+
+    def drain() -> None:
+        # Read while the child runs: a pty holds only a few KiB, and a slow machine redraws the bar more often.
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not chunk:
+                return
+            terminal.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    stdout = proc.communicate(timeout=300)[0]
+    reader.join(60)
     os.close(master)
     assert proc.returncode == 0
     assert "analysing" in terminal.decode(errors="replace")
