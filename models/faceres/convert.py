@@ -68,7 +68,8 @@ METADATA = {
     "TF.js port by https://github.com/vladmandic",
     "license": "human-models package MIT (Copyright (c) 2021 Vladimir Mandic); upstream weights: no license file "
     "(see models/faceres/README.md)",
-    "input": "image: float32 Nx224x224x3 NHWC, BGR, 0-255 (no normalisation), an aligned face crop",
+    "input": "image: float32 Nx224x224x3 NHWC, BGR 0-255 minus the Caffe means [103.939, 116.779, 123.68] "
+    "(upstream's preprocessing), an aligned face crop",
     "outputs": "embedding: [N, 1024] pooled MobileNet features (not normalised); compare with cosine similarity",
 }
 
@@ -162,7 +163,10 @@ def verify_tfjs(work: Path, models: Path, venv_py: Path, onnx_path: Path) -> Non
     (work / "tfjs_reference.js").write_text(TFJS_REFERENCE_JS)
     inp, ref = work / "verify_input.bin", work / "ref_embedding.bin"
     run([str(venv_py), __file__, "_make-input", str(inp)])
-    run(["node", "tfjs_reference.js", str(models / "faceres.json"), str(models / "faceres.bin"), str(inp), str(ref)], cwd=work)
+    run(
+        ["node", "tfjs_reference.js", str(models / "faceres.json"), str(models / "faceres.bin"), str(inp), str(ref)],
+        cwd=work,
+    )
     run([str(venv_py), __file__, "_compare-tfjs", str(onnx_path), str(inp), str(ref)])
 
 
