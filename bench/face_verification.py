@@ -46,6 +46,7 @@ from livekit_proctor.analyzer.detectors.faceembed import (  # noqa: E402
     FaceEmbedder,
     align,
     alignment_matrix,
+    face_quality,
 )
 from livekit_proctor.analyzer.detectors.facemesh import MediapipeFaceMesh  # noqa: E402
 
@@ -297,6 +298,14 @@ def main() -> None:
     cg = [s for a, b, s in wp if a.subject == b.subject and a.condition in clean and b.condition in clean]
     ci = [s for a, b, s in wp if a.subject != b.subject and a.condition in clean and b.condition in clean]
     print(f"{'normal+glasses':18s} {roc(cg, ci).row()}")
+
+    # Quality gating: a check is skipped (not counted) when either frame's quality score is below the gate.
+    print("\n== webcam pairs, quality-gated (both frames' FaceQuality.score >= gate; others skipped)")
+    qual = {f.rel: face_quality(f.rgb, f.face, f.mesh).score for f in single if f.face is not None}
+    for gate in (0.0, 0.3, 0.5, 0.7):
+        kept = [(a, b, s) for a, b, s in wp if min(qual[a.rel], qual[b.rel]) >= gate]
+        n_frames = sum(1 for q in qual.values() if q >= gate)
+        print(f"gate {gate:.1f} ({n_frames:2d} of {len(qual)} frames) {roc(*split(kept)).row()}")
 
     # Cost: alignment + model per face, single thread, beside one BlazeFace detection of the same frame.
     frame = next(f for f in frames if f.mesh is not None)
