@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     )
 
     face_mesh: bool = Field(default=True, description="Face mesh with iris: head pose and gaze")
+    face_embedding: bool = Field(
+        default=False,
+        description="Face embeddings (HSE FaceRes) of the faces in view every 2 s in live sessions; off until "
+        "continuous verification uses them (enrollment and verify compute theirs regardless)",
+    )
     objects_model: str = Field(
         default="nanodet",
         description="Person / phone detector: nanodet (shipped), yolo:/path/model.onnx, ultralytics:/path.pt, none",
