@@ -160,7 +160,9 @@ def _iso(t: datetime | None) -> str | None:
 
 def _aware(t: datetime | None) -> datetime | None:
     # SQLite returns naive datetimes for DateTime(timezone=True) columns: they were written in UTC.
-    return None if t is None or t.tzinfo else t.replace(tzinfo=UTC) if t else t
+    if t is None or t.tzinfo is not None:
+        return t
+    return t.replace(tzinfo=UTC)
 
 
 class IdentityStore:

@@ -132,7 +132,8 @@ def old_release_database(url: str, *, without: tuple[str, ...] = ()) -> None:
         db.add(OldOutbox(event_id=str(uuid.uuid4()), exam_session_id="s-1", event_type="FACE_MISSING",
                          payload=json.dumps({"x": 1}), created_at=1.0))  # fmt: skip
         db.add(OldCursor(lane="grpc", last_seq=1, updated_at=2.0))
-        db.add(OldAudit(at=NOW, actor="admin:abc", action="session.start", target="s-1", detail={"candidate_id": "c-1"}))
+        db.add(OldAudit(at=NOW, actor="admin:abc", action="session.start", target="s-1",
+                        detail={"candidate_id": "c-1"}))  # fmt: skip
     engine.dispose()
 
 
