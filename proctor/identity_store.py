@@ -174,7 +174,8 @@ class IdentityStore:
 
     @staticmethod
     def _audit(db: Session, action: str, candidate_id: str, who: Actor, result: dict[str, Any]) -> None:
-        assert action in ACTIONS, action
+        if action not in ACTIONS:
+            raise ValueError(f"unknown identity audit action {action!r}")
         db.add(
             IdentityAuditRow(
                 action=action, candidate_id=candidate_id, key_id=who.key_id, role=who.role, result=result, at=utcnow()
@@ -487,9 +488,10 @@ def _json(text: str) -> Any:
 def purge_identity(sm: sessionmaker, retention_s: int, *, now: datetime | None = None, dry_run: bool = False) -> int:
     """Deletes the enrollments whose candidate's last session (else their enrollment) is past retention_s.
 
-    The last session is the latest of the enrollment's last_session_at and the candidate's sessions still in
-    the database. Each deletion leaves a "delete" audit record by the system ("retention"). Returns how many
-    enrollments went (or, dry_run, would go). Idempotent; safe to run concurrently with the server.
+    The last session is the latest of the enrollment's last_session_at (touch_session), the candidate's
+    sessions still in the database and their session.start audit records. Each deletion leaves a "delete"
+    audit record by the system ("retention"). Returns how many enrollments went (or, dry_run, would go).
+    Idempotent; safe to run concurrently with the server.
     """
     if retention_s <= 0:
         return 0
@@ -506,6 +508,12 @@ def purge_identity(sm: sessionmaker, retention_s: int, *, now: datetime | None =
             .tuples()
             .all()
         )
+        # Session rows go an hour after the session ends; their session.start audit records stay longer.
+        for at, detail in db.execute(select(AuditRow.at, AuditRow.detail).where(AuditRow.action == "session.start")):
+            cid = detail.get("candidate_id") if isinstance(detail, dict) else None
+            started, known = _aware(at), _aware(latest.get(cid))
+            if cid and started and (known is None or known < started):
+                latest[cid] = started
         for cid, created, replaced, last in db.execute(
             select(
                 EnrollmentRow.candidate_id,

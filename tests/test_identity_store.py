@@ -298,7 +298,7 @@ def test_purge_deletes_embeddings_after_the_candidates_last_session(sm: sessionm
     s = Settings(data_dir=tmp_path / "data", identity_retention_s=90 * 86400)
     store = IdentityStore(sm, KeyRing.of(K1))
     now = datetime.now(UTC)
-    for cid in ("stale", "recent-session", "recent-row", "fresh"):
+    for cid in ("stale", "recent-session", "recent-row", "recent-audit", "fresh"):
         store.replace_enrollment(cid, None, images(vectors(3, seed=1)), ADMIN)
     with sm.begin() as db:  # enrolled long ago
         db.execute(update(EnrollmentRow).where(EnrollmentRow.candidate_id != "fresh")
@@ -307,11 +307,14 @@ def test_purge_deletes_embeddings_after_the_candidates_last_session(sm: sessionm
     store.touch_session("recent-session", now - timedelta(days=89))
     store.touch_session("recent-row", now - timedelta(days=120))
     _candidate_data(sm, "recent-row", "sess-r", ended_at=now - timedelta(days=10))  # a session row still held
+    with sm.begin() as db:  # a session whose row is gone; its start is in the audit log
+        db.add(AuditRow(at=now - timedelta(days=30), actor="system:x", action="session.start", target="sess-a",
+                        detail={"candidate_id": "recent-audit"}))  # fmt: skip
     assert purge(s, sm, dry_run=True).enrollments == 1
     rep = purge(s, sm)
     assert rep.enrollments == 1 and "1 enrollments" in rep.line()
     assert store.get_enrollment("stale") is None
-    assert all(store.get_enrollment(c) is not None for c in ("recent-session", "recent-row", "fresh"))
+    assert all(store.get_enrollment(c) is not None for c in ("recent-session", "recent-row", "recent-audit", "fresh"))
     with sm() as db:
         assert db.scalars(select(EmbeddingRow).where(EmbeddingRow.candidate_id == "stale")).all() == []
     last = store.audit_entries("stale")[-1]
