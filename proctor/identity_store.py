@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
 import numpy as np
-from sqlalchemy import CursorResult, delete, func, or_, select, update
+from sqlalchemy import CursorResult, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from livekit_proctor.crypto import KeyRing
@@ -133,6 +133,16 @@ class DeleteReport:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
 
 
+def _lock_candidate(db: Session, candidate_id: str) -> None:
+    """Serialises the writers of one candidate's identity data until the transaction ends."""
+    conn = db.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:c, 7))"), {"c": candidate_id})
+    elif conn.dialect.name == "sqlite":
+        # pysqlite would begin the transaction only at the first write, after our reads: take the write lock now.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _aad(kind: str, row_id: str) -> bytes:
     return f"{kind}:{row_id}".encode()
 
@@ -232,6 +242,7 @@ class IdentityStore:
         now = utcnow()
         enrollment_id = str(uuid.uuid4())
         with self.sm.begin() as db:
+            _lock_candidate(db, candidate_id)  # two enrollments of one candidate at once: one after the other
             old = db.scalar(select(EnrollmentRow).where(EnrollmentRow.candidate_id == candidate_id).with_for_update())
             created, last_session = now, None
             if old is not None:
@@ -357,6 +368,7 @@ class IdentityStore:
         """Deletes everything the database holds about a candidate; returns what went (and the session ids)."""
         rep = DeleteReport()
         with self.sm.begin() as db:
+            _lock_candidate(db, candidate_id)
             sids = self._session_ids(db, candidate_id)
             rep.session_ids = sids
             rep.embeddings = db.execute(delete(EmbeddingRow).where(EmbeddingRow.candidate_id == candidate_id)).rowcount

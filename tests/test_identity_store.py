@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -322,3 +323,25 @@ def test_purge_deletes_embeddings_after_the_candidates_last_session(sm: sessionm
         "delete", "system", "retention", "retention")  # fmt: skip
     assert purge(s, sm).enrollments == 0  # idempotent (cron)
     assert purge(Settings(data_dir=tmp_path / "data", identity_retention_s=0), sm).enrollments == 0  # 0: forever
+
+
+def test_concurrent_first_enrollments_of_one_candidate_leave_one(sm: sessionmaker) -> None:
+    store = IdentityStore(sm, KeyRing.of(K1))
+    errors: list[BaseException] = []
+
+    def enroll(seed: int) -> None:
+        try:
+            store.replace_enrollment("cand-1", None, images(vectors(3, seed)), ADMIN)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=enroll, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with sm() as db:
+        assert len(db.scalars(select(EnrollmentRow)).all()) == 1 and len(db.scalars(select(EmbeddingRow)).all()) == 3
+    actions = sorted(a["action"] for a in store.audit_entries("cand-1"))
+    assert actions == ["enroll", "re-enroll", "re-enroll", "re-enroll"]
