@@ -1,4 +1,6 @@
-"""How long alert data lives: delivered outbox rows, dead letters, the audit log, alerts.jsonl, the Redis outbox.
+"""How long alert data lives: delivered outbox rows, dead letters, the audit log, alerts.jsonl, the Redis outbox;
+and identity data: enrollments (embeddings, template) identity_retention_s after the candidate's last session,
+identity audit rows after audit_retention_s (livekit_proctor.identity_store.purge_identity).
 
 `purge` removes what is past its retention (the *_retention_s settings; 0 keeps that kind forever). It
 never removes an alert a delivery lane has not delivered yet. The lanes waited for are those the settings
@@ -22,10 +24,11 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import sessionmaker
 
-from livekit_proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow
+from livekit_proctor.db import AuditRow, CursorRow, DeadLetterRow, IdentityAuditRow, LeaseRow, OutboxRow
 from livekit_proctor.dispatcher import jsonl
 from livekit_proctor.dispatcher.service import lane_names
 from livekit_proctor.dispatcher.source import GROUP_PREFIX
+from livekit_proctor.identity_store import purge_identity
 from livekit_proctor.settings import Settings
 
 log = logging.getLogger("proctor.retention")
@@ -41,16 +44,20 @@ class PurgeReport:
     held_by: list[str] = field(default_factory=list)
     dead_letters: int = 0
     audit: int = 0
+    enrollments: int = 0  # identity: enrollments (with their embeddings) past identity retention
+    identity_audit: int = 0
     jsonl: int = 0
     redis: int | None = None  # None: the SQL outbox is in use
 
     @property
     def total(self) -> int:
-        return self.outbox + self.dead_letters + self.audit + self.jsonl + (self.redis or 0)
+        identity = self.enrollments + self.identity_audit
+        return self.outbox + self.dead_letters + self.audit + identity + self.jsonl + (self.redis or 0)
 
     def line(self) -> str:
         parts = [f"{self.outbox} outbox rows", f"{self.dead_letters} dead letters", f"{self.audit} audit rows",
-                 f"{self.jsonl} alerts.jsonl lines"]  # fmt: skip
+                 f"{self.jsonl} alerts.jsonl lines", f"{self.enrollments} enrollments",
+                 f"{self.identity_audit} identity audit rows"]  # fmt: skip
         if self.redis is not None:
             parts.append(f"{self.redis} redis outbox entries")
         out = ("would remove " if self.dry_run else "removed ") + ", ".join(parts)
@@ -182,6 +189,10 @@ def purge(s: Settings, sm: sessionmaker, *, now: float | None = None, dry_run: b
     rep.dead_letters = _dead_letters(sm, delivered_cut, _cutoff(now, s.dlq_retention_s), dry_run)
     if (cut := _cutoff(now, s.audit_retention_s)) is not None:
         rep.audit = _delete(sm, AuditRow, AuditRow.at < datetime.fromtimestamp(cut, UTC), dry_run)
+        where = IdentityAuditRow.at < datetime.fromtimestamp(cut, UTC)
+        rep.identity_audit = _delete(sm, IdentityAuditRow, where, dry_run)
+    # After the audit purge: a retention deletion's own record stays for audit_retention_s.
+    rep.enrollments = purge_identity(sm, s.identity_retention_s, now=datetime.fromtimestamp(now, UTC), dry_run=dry_run)
     if (cut := _cutoff(now, s.alerts_jsonl_retention_s)) is not None:
         rep.jsonl = jsonl.prune(s.resolved_outbox_jsonl(), cut, dry_run=dry_run)
     if s.outbox == "redis":

@@ -357,6 +357,47 @@ def keys_create(
     print(store.create(role.value, label))
 
 
+@keys_app.command("rotate-embeddings")
+def keys_rotate_embeddings(
+    new_key: Annotated[
+        bool,
+        typer.Option(
+            "--new-key",
+            help="First add a new current key to <data_dir>/embedding-keys (when PROCTOR_EMBEDDING_KEY is unset); "
+            "the older keys are dropped from the file once every row is re-encrypted.",
+        ),
+    ] = False,
+) -> None:
+    """Re-encrypt every stored face embedding with the current embedding key."""
+    from livekit_proctor import crypto
+    from livekit_proctor.datadir import prepare_data_dir
+    from livekit_proctor.db import make_engine, make_sessionmaker
+    from livekit_proctor.identity_store import rotate
+
+    s = _settings()
+    prepare_data_dir(s)
+    try:
+        path = crypto.key_file(s)
+        if new_key:
+            if s.embedding_key:
+                raise CliError("--new-key manages the key file; with PROCTOR_EMBEDDING_KEY set, set a new key there "
+                               "and move the old one to PROCTOR_EMBEDDING_OLD_KEYS")  # fmt: skip
+            old = crypto.load_keyring(s)
+            older = [old.keys[old.current], *(k for kid, k in old.keys.items() if kid != old.current)]
+            crypto.write_key_file(path, [crypto.parse_key(crypto.new_key_text()), *older])
+        ring = crypto.load_keyring(s)
+        engine = make_engine(s.resolved_database_url())
+        try:
+            report = rotate(make_sessionmaker(engine), ring)
+        finally:
+            engine.dispose()
+        if new_key:  # every row is under the new key now: the file keeps only it
+            crypto.write_key_file(path, [ring.keys[ring.current]])
+    except (ValueError, crypto.DecryptError) as e:
+        raise CliError(f"rotate-embeddings failed: {e}") from None
+    print(report.line())
+
+
 @app.command()
 def dispatcher() -> None:
     """Run the alert dispatcher (outbox -> gRPC, Kafka, webhooks, ...)."""

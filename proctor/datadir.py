@@ -43,7 +43,8 @@ def private_dir(path: Path, *, tighten_existing: bool = True) -> None:
 def prepare_data_dir(s: Settings) -> None:
     """Creates the data dir 0700 and tightens the files the service keeps there (and the SQLite files)."""
     private_dir(s.data_dir)
-    files = [s.data_dir / "stream-secret", s.data_dir / "bootstrap-admin.key", s.resolved_outbox_jsonl()]
+    files = [s.data_dir / "stream-secret", s.data_dir / "bootstrap-admin.key", s.data_dir / "embedding-keys",
+             s.resolved_outbox_jsonl()]  # fmt: skip
     db = sqlite_path(s.resolved_database_url())
     if db is not None:
         # A database outside the data dir: create its directory private, but leave an existing one alone.

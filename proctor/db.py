@@ -1,8 +1,11 @@
 """Relational storage through SQLAlchemy: SQLite embedded, PostgreSQL in production.
 
 Only what the service must keep: API keys (hashed), sessions (short-lived state),
-the alert outbox and a minimal audit log. Calls are synchronous; async code runs
-them through asyncio.to_thread so the event loop never waits on the database.
+the alert outbox, a minimal audit log, and the identity data of enrolled candidates
+(face embeddings encrypted: livekit_proctor.identity_store). Calls are synchronous;
+async code runs them through asyncio.to_thread so the event loop never waits on the
+database. The schema is made and upgraded by Alembic (livekit_proctor.migrations):
+a change to these models needs a new revision there.
 """
 
 from __future__ import annotations
@@ -15,18 +18,21 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
+    ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
     event,
-    inspect,
-    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from livekit_proctor import migrations
 
 
 def utcnow() -> datetime:
@@ -125,6 +131,55 @@ class AuditRow(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class EnrollmentRow(Base):
+    """A candidate's enrolled face: one per candidate; re-enrollment replaces it (and its embeddings)."""
+
+    __tablename__ = "identity_enrollments"
+    enrollment_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    candidate_id: Mapped[str] = mapped_column(String(128), unique=True)
+    exam_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)  # first enrollment
+    replaced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The candidate's latest session as far as identity retention knows (sessions rows are short-lived).
+    last_session_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    model: Mapped[str] = mapped_column(String(64), default="")  # which embedding model made the vectors
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    # The average of the selected embeddings, encrypted (livekit_proctor.crypto); null when none was selected.
+    template: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class EmbeddingRow(Base):
+    """One enrollment image's face embedding (encrypted) and the quality figures it was selected by."""
+
+    __tablename__ = "identity_embeddings"
+    embedding_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    enrollment_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("identity_enrollments.enrollment_id", ondelete="CASCADE"), index=True
+    )
+    candidate_id: Mapped[str] = mapped_column(String(128), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # the image's place in the enrollment request
+    quality_score: Mapped[float] = mapped_column(Float)
+    face_bbox: Mapped[list[float]] = mapped_column(JSON)
+    pose_angles: Mapped[dict[str, float]] = mapped_column(JSON)
+    sharpness_score: Mapped[float] = mapped_column(Float)
+    selected: Mapped[bool] = mapped_column(Boolean)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, AES-256-GCM encrypted
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IdentityAuditRow(Base):
+    """Who enrolled, verified, deleted or exported a candidate's identity data, and the outcome (no vectors)."""
+
+    __tablename__ = "identity_audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    action: Mapped[str] = mapped_column(String(16))  # enroll | re-enroll | verify | delete | export
+    candidate_id: Mapped[str] = mapped_column(String(128), index=True)
+    key_id: Mapped[str] = mapped_column(String(64))  # the API key's id (hash prefix), never the key
+    role: Mapped[str] = mapped_column(String(16))
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a file-backed SQLite URL, else None (PostgreSQL, :memory:, URI filenames)."""
     u = make_url(url)
@@ -155,31 +210,8 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
-    Base.metadata.create_all(engine)
-    _add_missing_columns(engine)
+    migrations.upgrade(engine)
     return engine
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Adds columns that newer releases declare to tables an older release created (nullable ones only).
-
-    create_all makes missing tables but never alters existing ones; additive, nullable columns are all our
-    schema changes so far, and this keeps an upgraded data dir working without a migration tool.
-    """
-    insp = inspect(engine)
-    existing_tables = set(insp.get_table_names())
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            if table.name not in existing_tables:
-                continue
-            have = {c["name"] for c in insp.get_columns(table.name)}
-            for col in table.columns:
-                if col.name in have:
-                    continue
-                if not col.nullable:
-                    raise RuntimeError(f"table {table.name} lacks the non-nullable column {col.name}: migrate by hand")
-                ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(dialect=engine.dialect)}"
-                conn.execute(text(ddl))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:

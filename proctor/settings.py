@@ -68,6 +68,17 @@ class Settings(BaseSettings):
         json_schema_extra=SECRET,
     )
     stream_token_ttl_s: int = 900
+    embedding_key: str | None = Field(
+        default=None,
+        description="Current key for face embeddings at rest: base64 of 32 bytes (AES-256-GCM); "
+        "default: <data_dir>/embedding-keys, generated on first use",
+        json_schema_extra=SECRET,
+    )
+    embedding_old_keys: str = Field(
+        default="",
+        description="Earlier embedding keys, comma-separated base64, still readable (rotation)",
+        json_schema_extra=SECRET,
+    )
     legacy_ws_auth: str = Field(
         default="token",
         description="Auth on the /ws/proctor/... endpoints: 'token' (stream token as ?token=) or 'none' "
@@ -200,6 +211,11 @@ class Settings(BaseSettings):
     audit_retention_s: int = Field(default=90 * 86400, ge=0, description="Audit log rows are deleted after this")
     dlq_retention_s: int = Field(
         default=30 * 86400, ge=0, description="Dead letters never replayed are deleted this long after dying"
+    )
+    identity_retention_s: int = Field(
+        default=90 * 86400,
+        ge=0,
+        description="A candidate's enrollment (embeddings, template) is deleted this long after their last session",
     )
     purge_interval_s: float = Field(
         default=3600.0, ge=0, description="How often the running server applies retention (0: only `proctor purge`)"

@@ -378,15 +378,24 @@ def test_purge_command_output_dry_run_and_idempotence(tmp_path: Path) -> None:
 
     r = cli(tmp_path, "purge", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "would remove 3 outbox rows, 0 dead letters, 0 audit rows, 3 alerts.jsonl lines\n"
+    assert r.stdout == (
+        "would remove 3 outbox rows, 0 dead letters, 0 audit rows, 3 alerts.jsonl lines, "
+        "0 enrollments, 0 identity audit rows\n"
+    )
     assert seqs(sm) == [1, 2, 3, 4] and len(s.resolved_outbox_jsonl().read_text().splitlines()) == 4
     r = cli(tmp_path, "purge")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "removed 3 outbox rows, 0 dead letters, 0 audit rows, 3 alerts.jsonl lines\n"
+    assert r.stdout == (
+        "removed 3 outbox rows, 0 dead letters, 0 audit rows, 3 alerts.jsonl lines, "
+        "0 enrollments, 0 identity audit rows\n"
+    )
     assert seqs(sm) == [4]
     r = cli(tmp_path, "purge")  # idempotent
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "removed 0 outbox rows, 0 dead letters, 0 audit rows, 0 alerts.jsonl lines\n"
+    assert r.stdout == (
+        "removed 0 outbox rows, 0 dead letters, 0 audit rows, 0 alerts.jsonl lines, "
+        "0 enrollments, 0 identity audit rows\n"
+    )
 
 
 def test_purge_command_fails_with_one_line(tmp_path: Path) -> None:
