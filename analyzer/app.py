@@ -37,8 +37,10 @@ from livekit_proctor.analyzer.pipeline import InferencePool, ModelSet
 from livekit_proctor.analyzer.sessions import SessionManager
 from livekit_proctor.analyzer.stream import router as stream_router
 from livekit_proctor.contracts.outbox import AlertSink
+from livekit_proctor.crypto import load_keyring
 from livekit_proctor.datadir import prepare_data_dir
 from livekit_proctor.db import make_engine, make_sessionmaker
+from livekit_proctor.identity_store import IdentityStore
 from livekit_proctor.settings import Settings
 
 log = logging.getLogger("proctor")
@@ -145,7 +147,9 @@ def create_app(
             st.pool = pool = InferencePool(settings.inference_workers, metrics)
             stack.callback(pool.shutdown)
             st.sink = outbox(settings, sm)
-            st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics)
+            # Creates the embedding key file (0600) on first start when no key is configured.
+            st.identity = IdentityStore(sm, await asyncio.to_thread(load_keyring, settings))
+            st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics, st.identity)
             await mgr.restore_active()  # sessions active before a restart go on (open incidents included)
             stack.push_async_callback(mgr.shutdown)
             st.host = host = Host(settings, sm)

@@ -28,15 +28,24 @@ from livekit_proctor.contracts.api import EffectivePolicy, SessionStartRequest, 
 from livekit_proctor.contracts.outbox import AlertSink
 from livekit_proctor.contracts.wire import CloseCode
 from livekit_proctor.db import SessionRow, utcnow
+from livekit_proctor.identity_store import IdentityStore
 
 log = logging.getLogger(__package__)  # livekit_proctor.analyzer.sessions, as docs/operations.md shows
 
 
 class SessionManager:
     def __init__(
-        self, settings: Any, sm: sessionmaker, models: ModelSet, pool: InferencePool, sink: AlertSink, metrics: Metrics
+        self,
+        settings: Any,
+        sm: sessionmaker,
+        models: ModelSet,
+        pool: InferencePool,
+        sink: AlertSink,
+        metrics: Metrics,
+        identity: IdentityStore | None = None,
     ) -> None:
         self.settings = settings
+        self.identity = identity  # enrollments (face verification); None in tests that need none
         self.sm = sm
         self.store = SessionStore(sm)
         self.models = models
@@ -64,6 +73,8 @@ class SessionManager:
             if row is not None and row.state == "active":
                 await self._expire(row.id)
             row = await self.store.create(req, policy, actor, self.settings.session_ttl_s)
+            if self.identity is not None:  # the enrollment's retention counts from the candidate's last session
+                await asyncio.to_thread(self.identity.touch_session, req.candidate_id)
             return self._live(row), True
 
     def _live(self, row: SessionRow) -> LiveSession:
