@@ -163,7 +163,9 @@ class StillFaceTracker:
         if landmarks is not None and len(landmarks) >= 3:
             pts, kind = np.asarray(landmarks, np.float64)[:, :2], "landmarks"
         else:
-            pts = np.array([[box.x, box.y], [box.x + box.w, box.y], [box.x, box.y + box.h], [box.x + box.w, box.y + box.h]])
+            pts = np.array(
+                [[box.x, box.y], [box.x + box.w, box.y], [box.x, box.y + box.h], [box.x + box.w, box.y + box.h]]
+            )
             kind = "box"
         g = np.asarray(scene, np.float32)
         if self._pts0 is None or self._scene0 is None or self._t0 is None or self._pts0.shape != pts.shape:

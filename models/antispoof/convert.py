@@ -75,7 +75,9 @@ MODELS: dict[str, dict[str, object]] = {
         "see models/antispoof/README.md)",
     },
 }
-LICENSE = "human-models package MIT (Copyright (c) 2021 Vladimir Mandic); upstream weights: see models/antispoof/README.md"
+LICENSE = (
+    "human-models package MIT (Copyright (c) 2021 Vladimir Mandic); upstream weights: see models/antispoof/README.md"
+)
 
 
 def metadata(name: str) -> dict[str, str]:
