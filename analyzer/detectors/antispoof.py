@@ -32,8 +32,9 @@ from livekit_proctor.analyzer.stages import Due, Stage, StageSettings, service_s
 ANTISPOOF_SIZE = 128
 LIVENESS_SIZE = 32
 CROP_SIZE = 192  # human crops the face-mesh input (192 x 192) first and resizes that tensor for these models
-# Which liveness softmax output means "live": measured on the shared real faces (models/antispoof/README.md):
-# class 0 is high on real faces, as human's ``face.live = output[0]`` assumes.
+# Which liveness softmax output means "live": human reports output[0] as ``face.live``, and class 0 is high on the
+# shared real faces (median 0.88 on OEP webcam frames); upstream's training script (folders fake / real, sklearn
+# LabelEncoder) would make class 0 "fake". Unresolved without attack data: see models/antispoof/README.md.
 LIVE_CLASS = 0
 METHOD = "heuristic:human-models antispoof+liveness CNN"
 
