@@ -88,6 +88,7 @@ BUILTIN_STAGES: tuple[str, ...] = (
     "livekit_proctor.analyzer.detectors.blazeface:FaceStage",
     "livekit_proctor.analyzer.detectors.facemesh:FaceMeshStage",
     "livekit_proctor.analyzer.detectors.faceembed:FaceEmbeddingStage",
+    "livekit_proctor.analyzer.detectors.antispoof:AntiSpoofStage",
     "livekit_proctor.analyzer.detectors.objects:ObjectsStage",
     "livekit_proctor.analyzer.detectors.pose:PoseStage",
     "livekit_proctor.analyzer.detectors.segmentation:SegmentationStage",

@@ -136,6 +136,11 @@ class Settings(BaseSettings):
         description="Face embeddings (HSE FaceRes) of the faces in view every 2 s in live sessions; off until "
         "continuous verification uses them (enrollment and verify compute theirs regardless)",
     )
+    antispoof: bool = Field(
+        default=False,
+        description="Presentation-attack scores (human-models antispoof + liveness CNNs, a labelled heuristic) of "
+        "the largest face every 1 s; off: measured unreliable on webcam frames (models/antispoof/README.md)",
+    )
     objects_model: str = Field(
         default="nanodet",
         description="Person / phone detector: nanodet (shipped), yolo:/path/model.onnx, ultralytics:/path.pt, none",
