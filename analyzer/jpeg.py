@@ -51,3 +51,28 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             return width, height
         i += length
     raise JpegHeaderError("JPEG is truncated before its frame header")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, which the format requires first; JpegHeaderError otherwise."""
+    if len(data) < 24 or data[:8] != _PNG_SIGNATURE:
+        raise JpegHeaderError("payload is not a PNG (missing signature)")
+    if data[12:16] != b"IHDR":
+        raise JpegHeaderError("PNG does not start with its IHDR chunk")
+    width = int.from_bytes(data[16:20], "big")
+    height = int.from_bytes(data[20:24], "big")
+    if width == 0 or height == 0:
+        raise JpegHeaderError(f"PNG declares an empty image ({width}x{height})")
+    return width, height
+
+
+def image_size(data: bytes) -> tuple[str, int, int]:
+    """("jpeg" | "png", width, height) of a still image, from its header only; JpegHeaderError for any other."""
+    if data[:8] == _PNG_SIGNATURE:
+        return ("png", *png_size(data))
+    if data[:2] == b"\xff\xd8":
+        return ("jpeg", *jpeg_size(data))
+    raise JpegHeaderError("not a JPEG or PNG image")
