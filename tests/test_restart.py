@@ -41,9 +41,8 @@ class Serve:
 
     def start(self) -> Serve:
         log = (self.data_dir.parent / f"serve-{self.port}.log").open("ab")
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "livekit_proctor.cli", "serve"], env=self.env, stdout=log, stderr=log
-        )
+        self.p = subprocess.Popen([sys.executable, "-m", "livekit_proctor.cli", "serve"], env=self.env,
+                                  stdout=log, stderr=log)
         wait_port(self.port, 120)
         return self
 
