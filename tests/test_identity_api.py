@@ -257,3 +257,19 @@ async def test_privacy_export_then_delete_leaves_nothing(srv: LiveServer) -> Non
     assert left["enrollment"] is None and left["sessions"] == [] and left["alerts"] == []
     assert left["session_audit"] == [] and left["files"]["alerts_jsonl"] == []
     assert [a["action"] for a in left["identity_audit"]] == ["delete"]
+
+
+def test_image_headers_give_the_size_without_decoding() -> None:
+    from livekit_proctor.analyzer.jpeg import JpegHeaderError, image_size
+
+    img = np.zeros((37, 53, 3), np.uint8)
+    lossless = [cv2.IMWRITE_WEBP_QUALITY, 101]
+    for ext, fmt, args in (
+        (".jpg", "jpeg", []),
+        (".png", "png", []),
+        (".webp", "webp", []),
+        (".webp", "webp", lossless),
+    ):
+        assert image_size(cv2.imencode(ext, img, args)[1].tobytes()) == (fmt, 53, 37)
+    with pytest.raises(JpegHeaderError):
+        image_size(b"GIF89a" + b"\0" * 40)

@@ -33,6 +33,7 @@ from livekit_proctor.contracts.api import ValidationIssue
 from livekit_proctor.contracts.identity import (
     ENROLL_MAX_BODY_BYTES,
     MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
     MAX_IMAGE_SIDE,
     MAX_IMAGES,
     VERIFY_MAX_BODY_BYTES,
@@ -68,7 +69,7 @@ MAX_POSE_DEG = 20.0
 SELECTED = 3  # best accepted images that form the template
 
 RECOMMENDATIONS = {
-    "invalid_image": "Send a JPEG or PNG photo",
+    "invalid_image": "Send a JPEG, PNG or WebP photo",
     "image_too_large": f"Send a smaller photo (at most {MAX_IMAGE_BYTES // 2**20} MiB, {MAX_IMAGE_SIDE} px a side)",
     "no_face": "Face the camera and make sure your whole face is in the picture",
     "multiple_faces": "Make sure you are alone in the picture",
@@ -112,8 +113,11 @@ def read_image(data: bytes) -> np.ndarray | Reason:
         fmt, w, h = image_size(data)
     except JpegHeaderError as e:
         return _reason("invalid_image", str(e))
-    if max(w, h) > MAX_IMAGE_SIDE:
-        return _reason("image_too_large", f"the image is {w}x{h}; at most {MAX_IMAGE_SIDE} px a side allowed")
+    if max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        return _reason(
+            "image_too_large",
+            f"the image is {w}x{h}; at most {MAX_IMAGE_SIDE} px a side and {MAX_IMAGE_PIXELS} pixels allowed",
+        )
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         return _reason("invalid_image", f"the {fmt.upper()} image could not be decoded")
@@ -249,7 +253,7 @@ _MULTIPART = {
             "minItems": 1,
             "maxItems": MAX_IMAGES,
             "items": {"type": "string", "format": "binary"},
-            "description": "JPEG or PNG files",
+            "description": "JPEG, PNG or WebP files",
         },
     },
 }

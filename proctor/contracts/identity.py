@@ -16,7 +16,8 @@ from livekit_proctor.contracts.api import METADATA_MAX_BYTES, ValidationIssue, c
 MAX_IMAGES = 10  # images of one enrollment
 MAX_IMAGE_BYTES = 4 * 1024 * 1024  # one image, decoded from base64 or uploaded
 MAX_IMAGE_BASE64 = (MAX_IMAGE_BYTES + 2) // 3 * 4  # its base64 text
-MAX_IMAGE_SIDE = 4096  # pixels, read from the image header before decoding
+MAX_IMAGE_SIDE = 8192  # pixels, read from the image header before decoding
+MAX_IMAGE_PIXELS = 40_000_000  # a 12 MP phone photo is well inside; decoded RGB stays under 120 MB
 # The whole enrollment request (JSON or multipart): several large images, not ten of the largest.
 ENROLL_MAX_BODY_BYTES = 24 * 1024 * 1024
 VERIFY_MAX_BODY_BYTES = MAX_IMAGE_BASE64 + 4096
@@ -25,8 +26,8 @@ CandidateId = Field(min_length=1, max_length=128)
 Base64Image = Field(
     min_length=1,
     max_length=MAX_IMAGE_BASE64,
-    description=f"A JPEG or PNG, base64 (a data: URL prefix is accepted); at most {MAX_IMAGE_BYTES} bytes decoded, "
-    f"{MAX_IMAGE_SIDE} px a side",
+    description=f"A JPEG, PNG or WebP, base64 (a data: URL prefix is accepted); at most {MAX_IMAGE_BYTES} bytes "
+    f"decoded, {MAX_IMAGE_SIDE} px a side, {MAX_IMAGE_PIXELS} pixels",
 )
 
 # Why an image is not used (enrollment) or not verified; stable codes, with a message for humans.
