@@ -199,8 +199,11 @@ def test_roles(srv: LiveServer) -> None:
         ):
             assert r.status_code == 403 and "role 'proctor' may not" in r.json()["error"], r.text
         assert anon.post("/api/v1/verify", json=body).status_code == 401
-        # A candidate holds only a stream token, which is no API key.
-        assert anon.post("/api/v1/verify", json=body, headers={"X-API-Key": "v1.stream-token"}).status_code == 401
+        # A candidate holds only a stream token for their session, which is no API key.
+        token = srv.start_session("roles-1", candidate="roles")["stream_token"]
+        for path in ("/api/v1/verify", "/api/v1/enroll"):
+            r = anon.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 401 and r.json()["error"] == "invalid API key"
 
 
 async def test_privacy_export_then_delete_leaves_nothing(srv: LiveServer) -> None:
