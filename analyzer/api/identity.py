@@ -485,6 +485,8 @@ async def verify(body: VerifyRequest, request: Request, who: Verifier) -> Verify
         raise _no_enrollment(body.candidate_id)
     checked = await request.app.state.pool.run(analyse, 0, body.image_base64, False)
     if checked.face is None:
+        refused = sorted({r.code for r in checked.check.reasons})
+        await asyncio.to_thread(store.record, "verify", body.candidate_id, who, {"refused": refused})
         return rejected("the image cannot be verified", [checked.check])
     face = checked.face
     q = face.quality
