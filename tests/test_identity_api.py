@@ -276,3 +276,24 @@ def test_image_headers_give_the_size_without_decoding() -> None:
         assert image_size(cv2.imencode(ext, img, args)[1].tobytes()) == (fmt, 53, 37)
     with pytest.raises(JpegHeaderError):
         image_size(b"GIF89a" + b"\0" * 40)
+
+
+def test_alerts_jsonl_hook_exports_and_removes_only_the_candidates_lines(tmp_path: Path) -> None:
+    from livekit_proctor.dispatcher import jsonl
+    from livekit_proctor.wiring import AlertsJsonl
+
+    path = tmp_path / "alerts.jsonl"
+    rows = [
+        {"candidate_id": "x", "exam_session_id": "s1", "n": 0},
+        {"candidate_id": "y", "exam_session_id": "s2", "n": 1},
+        {"candidate_id": "other", "exam_session_id": "s1", "n": 2},  # one of x's sessions
+        {"candidate_id": "y", "exam_session_id": "s3", "n": 3},
+    ]
+    jsonl.append(path, [json.dumps(r) for r in rows] + ["not json"])
+    hook = AlertsJsonl(path)
+    assert [r["n"] for r in hook.export("x", ["s1"])] == [0, 2]
+    inode = path.stat().st_ino
+    assert hook.erase("nobody", []) == 0 and path.stat().st_ino == inode  # nothing to remove: not rewritten
+    assert hook.erase("x", ["s1"]) == 2
+    assert path.read_text().splitlines() == [json.dumps(rows[1]), json.dumps(rows[3]), "not json"]
+    assert hook.export("x", ["s1"]) == []
