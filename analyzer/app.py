@@ -28,7 +28,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException
 
 from livekit_proctor import __version__
-from livekit_proctor.analyzer.api import ops, sessions
+from livekit_proctor.analyzer.api import identity, ops, privacy, sessions
 from livekit_proctor.analyzer.api.errors import ERROR_MODELS
 from livekit_proctor.analyzer.auth import KeyStore
 from livekit_proctor.analyzer.body_limit import BodyLimit
@@ -36,6 +36,7 @@ from livekit_proctor.analyzer.metrics import Metrics
 from livekit_proctor.analyzer.pipeline import InferencePool, ModelSet
 from livekit_proctor.analyzer.sessions import SessionManager
 from livekit_proctor.analyzer.stream import router as stream_router
+from livekit_proctor.contracts.identity import CandidateData
 from livekit_proctor.contracts.outbox import AlertSink
 from livekit_proctor.crypto import load_keyring
 from livekit_proctor.datadir import prepare_data_dir
@@ -104,6 +105,7 @@ class Host:
     sm: sessionmaker
     delivery: Callable[[], dict[str, Any]] | None = None  # readiness "delivery" (an embedded dispatcher's lanes)
     registries: list[CollectorRegistry] = field(default_factory=list)  # appended to /metrics
+    candidate_data: list[CandidateData] = field(default_factory=list)  # privacy export / delete beyond the database
 
 
 # Work that runs beside the analyzer while the app is up: entered after the sessions are restored, left
@@ -181,6 +183,8 @@ def create_app(
 
     app.include_router(sessions.router)
     app.include_router(ops.router)
+    app.include_router(identity.router)
+    app.include_router(privacy.router)
     app.include_router(stream_router)
     _declare_only_real_errors(app)
     return app

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -76,7 +77,7 @@ def _first_dated_is_due(src: BinaryIO, cutoff: float) -> bool:
     return False
 
 
-def _copy(src: BinaryIO, out: BinaryIO | None, cutoff: float, *, whole_lines_only: bool) -> int:
+def _copy(src: BinaryIO, out: BinaryIO | None, due: Callable[[bytes], bool], *, whole_lines_only: bool) -> int:
     """Copies the lines of src from its position that are not due into out; returns how many were due."""
     removed = 0
     while True:
@@ -87,7 +88,7 @@ def _copy(src: BinaryIO, out: BinaryIO | None, cutoff: float, *, whole_lines_onl
         if whole_lines_only and not line.endswith(b"\n"):  # a writer is in the middle of it
             src.seek(start)
             return removed
-        if _due(line, cutoff):
+        if due(line):
             removed += 1
         elif out is not None:
             out.write(line)
@@ -98,28 +99,47 @@ def prune(path: Path, cutoff: float, *, dry_run: bool = False) -> int:
 
     Cheap when nothing is due: only the first dated line is read. Safe while writers append.
     """
+    return _rewrite(path, lambda line: _due(line, cutoff), lambda src: _first_dated_is_due(src, cutoff), dry_run)
+
+
+def remove(path: Path, match: Callable[[bytes], bool], *, dry_run: bool = False) -> int:
+    """Removes the lines `match` selects (a privacy deletion); returns how many (would be) removed. Safe while
+    writers append; the file is read once without rewriting when nothing matches."""
+    return _rewrite(path, match, lambda src: any(match(line) for line in iter(src.readline, b"")), dry_run)
+
+
+def matching(path: Path, match: Callable[[bytes], bool]) -> list[bytes]:
+    """The lines `match` selects (without their newline)."""
+    try:
+        with path.open("rb") as src:
+            return [line.rstrip(b"\n") for line in iter(src.readline, b"") if match(line)]
+    except FileNotFoundError:
+        return []
+
+
+def _rewrite(path: Path, due: Callable[[bytes], bool], anything_due: Callable[[BinaryIO], bool], dry_run: bool) -> int:
     for _ in range(_ATTEMPTS):
         try:
             src = path.open("rb")
         except FileNotFoundError:
             return 0
         with src:
-            if not _first_dated_is_due(src, cutoff):
+            if not anything_due(src):
                 return 0
             src.seek(0)
             if dry_run:
-                return _copy(src, None, cutoff, whole_lines_only=False)
+                return _copy(src, None, due, whole_lines_only=False)
             fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
             tmp = Path(tmp_name)
             try:
                 with os.fdopen(fd, "wb") as out:
                     # The bulk without the lock, so writers do not wait on it ...
-                    removed = _copy(src, out, cutoff, whole_lines_only=True)
+                    removed = _copy(src, out, due, whole_lines_only=True)
                     fcntl.flock(src.fileno(), fcntl.LOCK_EX)  # released when src closes
                     if not _is_current(src.fileno(), path):
                         continue  # another pruner replaced it meanwhile: start over on the new file
                     # ... then what was appended meanwhile, under the lock (complete lines now).
-                    removed += _copy(src, out, cutoff, whole_lines_only=False)
+                    removed += _copy(src, out, due, whole_lines_only=False)
                     out.flush()
                     os.fsync(out.fileno())
                 os.replace(tmp, path)

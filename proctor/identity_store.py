@@ -351,6 +351,20 @@ class IdentityStore:
                 .values(last_session_at=at or utcnow())
             )
 
+    def delete_enrollment(self, candidate_id: str, who: Actor) -> tuple[str, int] | None:
+        """Deletes the candidate's enrollment (embeddings, template), leaving a "delete" audit record;
+        (enrollment id, embeddings deleted), or None when there is none. The rest: delete_candidate."""
+        with self.sm.begin() as db:
+            _lock_candidate(db, candidate_id)
+            row = db.scalar(select(EnrollmentRow).where(EnrollmentRow.candidate_id == candidate_id).with_for_update())
+            if row is None:
+                return None
+            enrollment_id = row.enrollment_id
+            n = db.execute(delete(EmbeddingRow).where(EmbeddingRow.enrollment_id == enrollment_id)).rowcount
+            db.delete(row)
+            self._audit(db, "delete", candidate_id, who, {"enrollment_id": enrollment_id, "embeddings": n})
+        return enrollment_id, n
+
     # --- privacy
 
     @staticmethod
