@@ -51,6 +51,8 @@ class Observation:
     # The latest value of every signal (analyzer/stages.py): this frame's, or the last one a stage wrote when it
     # was not due on this frame. Rules of stages that fusion does not know read their signal here.
     values: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The signals computed on this very frame (a rule that must count each model run once reads this).
+    ran: frozenset[str] = field(default_factory=frozenset, repr=False)
     # Downscaled copy of the frame, for the evidence thumbnail of an alert (<= 160 px wide).
     preview: np.ndarray | None = field(default=None, repr=False)
 
@@ -274,6 +276,7 @@ class PresenceFusion:
             model=s.model,
             face_scores=[f.score for f in s.faces],
             values=self._latest(s),
+            ran=frozenset(s.values),
             preview=s.preview,
         )
 

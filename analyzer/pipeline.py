@@ -60,6 +60,10 @@ class ModelClock:
     def __init__(self) -> None:
         self.last: dict[str, _LastRun] = {}
         self.gated = 0  # runs skipped because nothing moved
+        # Per-session switches set by the session (e.g. face verification follows its policy): stages this
+        # session does not run, and Due.interval_s overrides.
+        self.off: set[str] = set()
+        self.intervals: dict[str, float] = {}
 
 
 Decision = Literal["run", "reuse", "wait", "skip"]
@@ -128,6 +132,8 @@ class ModelSet:
     def _decide(self, stage: Stage, sig: Signals, rgb: np.ndarray | None, clock: ModelClock | None,
                 thumb: Callable[[], np.ndarray]) -> Decision:  # fmt: skip
         due = stage.due()
+        if clock is not None and stage.name in clock.off:
+            return "skip"
         if any(r not in sig.values for r in stage.reads):
             return "skip"  # what it reads was not produced on this unit (its stage is off or was not due)
         if due.if_face is not None and bool(sig.values.get("faces")) != due.if_face:
@@ -138,7 +144,8 @@ class ModelSet:
         if last is None or sig.ts < last.ts:
             return "run"
         age = sig.ts - last.ts
-        if age < due.interval_s * 0.95:
+        interval = clock.intervals.get(stage.name, due.interval_s) if clock is not None else due.interval_s
+        if age < interval * 0.95:
             return "wait"
         if due.motion_threshold is None or rgb is None:
             return "run"

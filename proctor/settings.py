@@ -132,9 +132,10 @@ class Settings(BaseSettings):
 
     face_mesh: bool = Field(default=True, description="Face mesh with iris: head pose and gaze")
     face_embedding: bool = Field(
-        default=False,
-        description="Face embeddings (HSE FaceRes) of the faces in view every 2 s in live sessions; off until "
-        "continuous verification uses them (enrollment and verify compute theirs regardless)",
+        default=True,
+        description="Face embeddings (HSE FaceRes) for continuous verification: loaded at start, run only in "
+        "sessions that verify an enrolled candidate, every verification_policy.interval_s (false: no "
+        "continuous verification; enrollment and verify compute theirs regardless)",
     )
     antispoof: bool = Field(
         default=False,

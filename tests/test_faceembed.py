@@ -111,11 +111,12 @@ def test_embed_image_reports_quality_and_no_faces_on_a_blank_image() -> None:
     assert "embedding" not in json.dumps(face.to_dict())  # biometric data stays out of what gets logged
 
 
-def test_stage_is_registered_and_off_by_default() -> None:
+def test_stage_is_registered_loaded_by_default_and_can_be_switched_off() -> None:
+    # Loaded by default for continuous verification; a session runs it only while it verifies (ModelClock.off).
     assert FaceEmbeddingStage in registered_stages()
-    assert Settings().face_embedding is False
-    assert FaceEmbeddingStage.enabled(FaceEmbeddingSettings()) is False
-    models = ModelSet.load(objects_model="none", body_pose=False, segmentation=False)
+    assert Settings().face_embedding is True
+    assert FaceEmbeddingStage.enabled(FaceEmbeddingSettings(face_embedding=False)) is False
+    models = ModelSet.load(face_embedding=False, objects_model="none", body_pose=False, segmentation=False)
     assert models.stage("face_embedding") is None and "face_embedding" in models.off
 
 

@@ -9,8 +9,9 @@
   (measured better than plain 0-255 on every set, models/faceres/README.md); output 1024-d, L2-normalised here,
   so `similarity` (cosine) is a dot product.
 * `embed_image(rgb)`: every face of a still image (detection, mesh, alignment, embedding, quality figures), for the
-  enrollment / verify routes. `FaceEmbeddingStage`: the same in a live session, off by default
-  (`face_embedding` setting) until continuous verification uses it.
+  enrollment / verify routes. `FaceEmbeddingStage`: the same in a live session, for continuous verification
+  (analyzer/rules/verification.py); loaded unless the `face_embedding` setting is off, run only in sessions that
+  verify an enrolled candidate, at their policy's interval (the session sets ModelClock.off / intervals).
 
 `MATCH_THRESHOLD` was chosen from the ROC of bench/face_verification.py (models/faceres/README.md).
 """
@@ -327,14 +328,15 @@ class FaceEmbeddingSettings(StageSettings):
 
 
 class FaceEmbeddingStage(Stage):
-    """Embeddings of the faces in view (largest first, at most MAX_FACES) every INTERVAL_S of video. Off by
-    default (`face_embedding`): nothing reads its signal until continuous verification does."""
+    """Embeddings of the faces in view (largest first, at most MAX_FACES) every INTERVAL_S of video (a session's
+    verification_policy.interval_s overrides it). Each session switches it on only while it verifies an enrolled
+    candidate (LiveSession, ModelClock.off): the model costs nothing in the others."""
 
     name = "face_embedding"
     writes = "face_embeddings"
     reads = ("faces",)  # and the mesh of the largest face when the face_mesh stage ran (optional)
     settings_model = FaceEmbeddingSettings
-    INTERVAL_S = 2.0  # the issue's default verification period
+    INTERVAL_S = 2.0  # the default verification period (VerificationPolicy.interval_s)
     MAX_FACES = 2
 
     def __init__(self, settings: FaceEmbeddingSettings) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from livekit_proctor.analyzer.fusion import Observation
 from livekit_proctor.analyzer.rules.incident import DistractionRule, DurationRule
+from livekit_proctor.analyzer.rules.verification import DEFAULT_MIN_QUALITY, mismatch_rule
 from livekit_proctor.contracts.alerts import EventType as E
 from livekit_proctor.contracts.alerts import register_event_type, unregister_event_type
 from livekit_proctor.contracts.api import FEATURES, RulePolicy, Thresholds
@@ -174,6 +175,11 @@ BUILTIN: tuple[RuleSpec, ...] = (
         condition=lambda o, t: o.hand_near_ear, measure=lambda o: o.hand_ear_ratio, measure_name="hand_ear_ratio",
         threshold="hand_ear_ratio",
     ),
+    RuleSpec(  # MISMATCHES_TO_ALERT face checks in a row below the threshold (verification.py)
+        E.FACE_MISMATCH, "face_verification", 0.0, 4.0, cooldown_s=10.0, severity=0.8, risk_weight=40,
+        evidence_group="identity", measure_name="current_similarity",
+        thresholds={"face_verification_min_quality": DEFAULT_MIN_QUALITY}, build=mismatch_rule,
+    ),
     RuleSpec(  # more than distraction_count off-screen episodes within distraction_window_s
         E.FREQUENT_DISTRACTION, "gaze", 0.0, 0.0, cooldown_s=60.0, severity=0.5, severity_per_unit=0.05,
         risk_weight=12, build=_distraction,
@@ -188,6 +194,10 @@ BUILTIN: tuple[RuleSpec, ...] = (
     ),
     RuleSpec(
         E.CANDIDATE_DISCONNECTED, "face_detection", 0.0, 0.0, cooldown_s=0.0, severity=0.3, risk_weight=5,
+        kind="control",
+    ),
+    RuleSpec(  # no enrollment to verify against: once, open for the session (LiveSession loads the enrollment)
+        E.IDENTITY_UNVERIFIED, "face_verification", 0.0, 0.0, cooldown_s=0.0, severity=0.4, risk_weight=5,
         kind="control",
     ),
     RuleSpec(

@@ -11,6 +11,7 @@ from typing import Any
 from livekit_proctor.analyzer.fusion import PresenceFusion
 from livekit_proctor.analyzer.rules import catalog
 from livekit_proctor.analyzer.rules.incident import Condition, ControlRule, DurationRule, RuleEvent
+from livekit_proctor.analyzer.rules.verification import Check, Verifier
 from livekit_proctor.analyzer.signals import FrameSignals
 from livekit_proctor.contracts.alerts import IncidentState
 from livekit_proctor.contracts.api import EffectivePolicy
@@ -91,6 +92,9 @@ class RuleEngine:
         self.fusion = PresenceFusion(policy)
         self.risk = RiskScore()
         self.limits = catalog.limits(policy.thresholds)
+        # Face checks against the enrollment (verification.py); FACE_MISMATCH reads its latest check.
+        self.verifier = Verifier(policy, self.limits.get("face_verification_min_quality", 0.3))
+        self.last_check: Check | None = None  # the check made on the latest frame, if any
         self.rules: list[DurationRule] = []  # frame rules, in catalog order
         self.controls: dict[str, ControlRule] = {}
         self.metas: list[DurationRule] = []  # over the frame rules' incidents (HIGH_CONFIDENCE_CHEATING)
@@ -138,6 +142,7 @@ class RuleEngine:
         the meta rules see the frame rules' incidents."""
         o = self.fusion.observe(s)
         self._last_ts = o.ts
+        self.last_check = self.verifier.observe(o)
         out: list[RuleEvent] = []
         for rule in self.rules:
             out.extend(self._account(rule.observe(o)))
@@ -187,7 +192,8 @@ class RuleEngine:
     SNAPSHOT_VERSION = 1
 
     def snapshot(self) -> dict[str, Any]:
-        """JSON-safe state that a restart needs: open and pending incidents, cooldowns, calibration, risk."""
+        """JSON-safe state that a restart needs: open and pending incidents, cooldowns, calibration, risk, the
+        face checks' consecutive mismatches, tracked face and latest result."""
         frame_rules = [*self.rules, *self.metas]
         return {
             "v": self.SNAPSHOT_VERSION,
@@ -195,6 +201,7 @@ class RuleEngine:
             "controls": {name: snap for name, r in self.controls.items() if (snap := r.snapshot()) is not None},
             "calibration": self.fusion.calibration.snapshot(),
             "risk": self.risk.snapshot(),
+            "verification": self.verifier.snapshot(),
             "last_ts": self._last_ts,
         }
 
@@ -212,6 +219,8 @@ class RuleEngine:
         if d.get("calibration"):
             self.fusion.calibration.restore(d["calibration"])
         self.risk.restore(d.get("risk", {}))
+        if d.get("verification"):
+            self.verifier.restore(d["verification"])
         self._last_ts = d.get("last_ts")
 
     def risk_summary(self, ts: float | None = None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from livekit_proctor import observability
@@ -13,6 +14,8 @@ from livekit_proctor.analyzer.alerting import AlertBuilder
 from livekit_proctor.analyzer.pipeline import FrameDecodeError, ModelClock, Sampler
 from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
 from livekit_proctor.analyzer.rules.limits import IncidentLimiter
+from livekit_proctor.analyzer.rules.verification import STAGE as EMBEDDING_STAGE
+from livekit_proctor.analyzer.rules.verification import Reference
 from livekit_proctor.analyzer.sessions.counters import Counters
 from livekit_proctor.analyzer.sessions.emitter import AlertEmitter
 from livekit_proctor.analyzer.sessions.fanout import Fanout, Subscriber
@@ -65,6 +68,10 @@ class LiveSession:
         self.restored = self._restore(row.rule_state or {})
         self.sampler = Sampler(self.policy.video_fps)
         self.clock = ModelClock()
+        # The face-embedding stage runs only while this session verifies an enrolled candidate, at its policy's
+        # interval; the enrollment is read in a thread (below), never on the event loop.
+        self.clock.intervals[EMBEDDING_STAGE] = self.engine.verifier.interval_s
+        self._sync_verification()
         self.state = "active"
         self.connection: Any = None  # the media WebSocket currently feeding this session
         self.last_media_ts: float | None = None
@@ -91,6 +98,43 @@ class LiveSession:
         self.workers.start("video", self._video_worker)
         self.workers.start("audio", self._audio_worker)
         self.workers.start("watchdog", self._watchdog)
+        if self.engine.verifier.wanted:
+            self.workers.spawn(self._load_enrollment(), "enrollment")
+
+    # ---- face verification (analyzer/rules/verification.py)
+
+    def _sync_verification(self) -> None:
+        if self.engine.verifier.active:
+            self.clock.off.discard(EMBEDDING_STAGE)
+        else:
+            self.clock.off.add(EMBEDDING_STAGE)
+
+    async def _load_enrollment(self) -> None:
+        """Reads the candidate's enrollment; without one the session says so once (IDENTITY_UNVERIFIED, open
+        until the session ends) and goes on unverified."""
+        ref: Reference | None = None
+        store = self.m.identity
+        if store is None:
+            reason = "no_identity_store"
+        else:
+            try:
+                enrollment = await asyncio.to_thread(store.get_enrollment, self.candidate_id)
+            except Exception:
+                log.exception("session %s: the candidate's enrollment could not be read", self.id)
+                reason = "enrollment_unreadable"
+            else:
+                ref = Reference.from_enrollment(enrollment) if enrollment is not None else None
+                reason = "no_enrollment" if enrollment is None else "enrollment_without_embeddings"
+        now = time.time()
+        if ref is None:
+            events = self.engine.control(EventType.IDENTITY_UNVERIFIED, True, now, reason)
+        else:
+            self.engine.verifier.enroll(ref)
+            self._sync_verification()
+            # Enrolled since a restart of this session: it is verified from now on.
+            events = self.engine.control(EventType.IDENTITY_UNVERIFIED, False, now, "enrolled")
+        if events:
+            await self.emit(events)
 
     # ---- state that survives a restart (SessionRow.rule_state; docs/operations.md "Restarts")
 
@@ -120,7 +164,8 @@ class LiveSession:
 
     def writer(self, with_rules: bool = True) -> AlsoWrite:
         """Database work that saves this session's counters (and rule state) in the caller's transaction."""
-        return saver(self.id, self.sitting, self.counters.to_json(), self.state_json() if with_rules else None)
+        rules = self.state_json() if with_rules else None
+        return saver(self.id, self.sitting, self.counters.to_json(), rules, self.last_verification_at)
 
     # ---- ingest (called by the WebSocket handler on the event loop)
 
@@ -263,6 +308,9 @@ class LiveSession:
             self.m.metrics.inference_latency.labels(model).observe(ms / 1000)
         with observability.rules_span():
             events = self.engine.observe(sig)
+        if self.engine.last_check is not None:
+            self.last_verification_at = datetime.now(UTC)
+            self._sync_verification()  # mode "start": no more checks after the first match
         await self.emit(events)
         self.m.metrics.frame_to_signal.observe(time.perf_counter() - arrived)
 
@@ -290,6 +338,10 @@ class LiveSession:
     def unsubscribe(self, sub: Subscriber) -> None:
         self.fanout.unsubscribe(sub)
 
+    def last_face_verification(self) -> dict[str, Any] | None:
+        last = self.engine.verifier.last
+        return last.public() if last is not None else None
+
     def stats(self) -> dict[str, Any]:
         risk = self.engine.risk.score(self.last_media_ts or time.time())
         return {
@@ -301,7 +353,7 @@ class LiveSession:
             "worker_errors": self.counters.worker_errors,
             "audio_seconds": self.counters.audio_seconds,
             "audio_queue_fill": round(self.audio.fill(), 3),
-            "last_face_verification": self.last_verification_at.isoformat() if self.last_verification_at else None,
+            "last_face_verification": self.last_face_verification(),
             "risk_score": risk,
             "risk_band": self.engine.risk.band(risk),
         }

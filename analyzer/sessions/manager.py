@@ -24,13 +24,23 @@ from livekit_proctor.analyzer.sessions.counters import Counters
 from livekit_proctor.analyzer.sessions.errors import SessionClosed, SessionConflict, SessionNotFound
 from livekit_proctor.analyzer.sessions.live import LiveSession
 from livekit_proctor.analyzer.sessions.store import SessionStore, aware
-from livekit_proctor.contracts.api import EffectivePolicy, SessionStartRequest, SessionState
+from livekit_proctor.contracts.api import EffectivePolicy, FaceVerification, SessionStartRequest, SessionState
 from livekit_proctor.contracts.outbox import AlertSink
 from livekit_proctor.contracts.wire import CloseCode
 from livekit_proctor.db import SessionRow, utcnow
 from livekit_proctor.identity_store import IdentityStore
 
 log = logging.getLogger(__package__)  # livekit_proctor.analyzer.sessions, as docs/operations.md shows
+
+
+def _saved_check(rule_state: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest face check of a session that is not live here, from its saved rule state."""
+    last = ((rule_state.get("engine") or {}).get("verification") or {}).get("last")
+    return {"at": last["at"], "similarity": round(last["similarity"], 4), "match": last["match"]} if last else None
+
+
+def _face_check(d: dict[str, Any] | None) -> FaceVerification | None:
+    return FaceVerification.model_validate(d) if d else None
 
 
 class SessionManager:
@@ -200,6 +210,7 @@ class SessionManager:
             else ([] if row.state != "active" else saved.get("open", [])),
             risk=live.engine.risk_summary() if live else {},
             last_verification_at=aware(row.last_verification_at).isoformat() if row.last_verification_at else None,
+            last_face_verification=_face_check(live.last_face_verification() if live else _saved_check(saved)),
             policy=EffectivePolicy.model_validate(row.policy),
             metadata=row.metadata_ or {},
         )

@@ -22,8 +22,15 @@ def aware(dt: datetime) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
-def saver(sid: str, sitting: str, counters: dict[str, Any], rule_state: dict[str, Any] | None) -> AlsoWrite:
-    """Database work that saves a session's counters (and rule state) in the caller's transaction."""
+def saver(
+    sid: str,
+    sitting: str,
+    counters: dict[str, Any],
+    rule_state: dict[str, Any] | None,
+    last_verification_at: datetime | None = None,
+) -> AlsoWrite:
+    """Database work that saves a session's counters (and rule state, and the time of its latest face check) in
+    the caller's transaction."""
 
     def write(db: OrmSession) -> None:
         row = db.get(SessionRow, sid)
@@ -32,6 +39,8 @@ def saver(sid: str, sitting: str, counters: dict[str, Any], rule_state: dict[str
         row.counters = counters
         if rule_state is not None:
             row.rule_state = rule_state
+        if last_verification_at is not None:
+            row.last_verification_at = last_verification_at
 
     return write
 

@@ -60,10 +60,15 @@ def check_bounded_json(value: Any, what: str, max_bytes: int, max_depth: int = M
 
 
 class VerificationPolicy(BaseModel):
+    """Face checks against the candidate's enrollment (docs/rules.md, FACE_MISMATCH): none; start (checks until
+    the first match, then no more); periodic or continuous (a check every interval_s of analysed video, the
+    two are the same today). threshold: cosine similarity below which a check is a mismatch (default: the
+    model's MATCH_THRESHOLD, 0.58)."""
+
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     mode: Literal["none", "start", "periodic", "continuous"] = "periodic"
-    interval_s: float = Field(default=60.0, gt=0)
+    interval_s: float = Field(default=2.0, gt=0, le=3600, description="Seconds of analysed video between checks")
     threshold: float | None = Field(default=None, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -219,6 +224,14 @@ class SessionCounters(BaseModel):
     )
 
 
+class FaceVerification(BaseModel):
+    """The session's latest conclusive face check (low-quality frames are skipped, not checks)."""
+
+    at: str = Field(description="Server time of the check, ISO 8601")
+    similarity: float = Field(description="Cosine similarity to the enrollment (best enrolled embedding)")
+    match: bool = Field(description="similarity >= the policy's threshold")
+
+
 class SessionState(BaseModel):
     exam_session_id: str
     candidate_id: str
@@ -235,6 +248,7 @@ class SessionState(BaseModel):
         default_factory=dict, description="score 0-100, band, the incidents that raised it, calibration baseline"
     )
     last_verification_at: str | None
+    last_face_verification: FaceVerification | None = None
     policy: EffectivePolicy
     metadata: dict[str, Any]
 

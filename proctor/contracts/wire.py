@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from livekit_proctor.contracts.alerts import Alert
+from livekit_proctor.contracts.api import FaceVerification
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">BBHIQ")
@@ -308,7 +309,9 @@ class HeartbeatStats(BaseModel):
     worker_errors: int
     audio_seconds: float
     audio_queue_fill: float = Field(description="0-1, see Backpressure")
-    last_face_verification: str | None = Field(description="ISO 8601, or null")
+    last_face_verification: FaceVerification | None = Field(
+        description="The latest face check (at, similarity, match), or null before the first one"
+    )
     risk_score: float
     risk_band: str
 
