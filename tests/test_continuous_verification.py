@@ -30,6 +30,7 @@ A = "faces/identity/angelina_jolie"
 B = "faces/identity/mark_zuckerberg"
 A_ENROLL = ["deepface__img1.jpg", "deepface__img2.jpg", "deepface__img4.jpg"]
 A_OTHERS = ["deepface__img5.jpg", "deepface__img6.jpg", "deepface__img7.jpg", "deepface__img10.jpg"]
+VERIFY = {"mode": "periodic"}  # opt-in per session; interval_s defaults to 2 s
 B_PHOTOS = ["deepface__img13.jpg", "deepface__img14.jpg", "deepface__img15.jpg", "deepface__img58.jpg"]
 
 
@@ -84,7 +85,7 @@ def _started(c: StreamClient, event_type: str) -> list[dict[str, Any]]:
 
 async def test_another_person_raises_face_mismatch_within_10_s(srv: LiveServer) -> None:
     _enroll(srv, "cand-a1")
-    cfg = srv.start_session("verify-b", candidate="cand-a1", calibration_s=0)
+    cfg = srv.start_session("verify-b", candidate="cand-a1", calibration_s=0, verification_policy=VERIFY)
     assert cfg["policy"]["verification"]["interval_s"] == 2.0  # the default: a check every 2 s of video
     b = [jpeg_of(p) for p in _photos(B, B_PHOTOS)]
     async with StreamClient.connect(stream_url(cfg)) as c:
@@ -108,7 +109,7 @@ async def test_another_person_raises_face_mismatch_within_10_s(srv: LiveServer) 
 
 async def test_other_photos_of_the_enrolled_candidate_raise_nothing(srv: LiveServer) -> None:
     _enroll(srv, "cand-a2")
-    cfg = srv.start_session("verify-a", candidate="cand-a2", calibration_s=0)
+    cfg = srv.start_session("verify-a", candidate="cand-a2", calibration_s=0, verification_policy=VERIFY)
     a = [jpeg_of(p) for p in _photos(A, A_OTHERS)]
     async with StreamClient.connect(stream_url(cfg)) as c:
         await c.sync()
@@ -123,7 +124,7 @@ async def test_other_photos_of_the_enrolled_candidate_raise_nothing(srv: LiveSer
 async def test_a_candidate_without_enrollment_is_told_once(srv: LiveServer) -> None:
     # Said at session start, before any media connection: it reaches the outbox (and the counters, and the
     # open incidents), not a WebSocket that was not open yet.
-    cfg = srv.start_session("verify-none", candidate="cand-never-enrolled", calibration_s=0)
+    cfg = srv.start_session("verify-none", candidate="cand-never-enrolled", calibration_s=0, verification_policy=VERIFY)
     a = [jpeg_of(p) for p in _photos(A, A_OTHERS)]
     for _ in range(2):  # a reconnect does not say it again
         async with StreamClient.connect(stream_url(cfg)) as c:
@@ -138,12 +139,16 @@ async def test_a_candidate_without_enrollment_is_told_once(srv: LiveServer) -> N
     assert state["last_face_verification"] is None
 
 
-async def test_policy_mode_none_checks_nothing(srv: LiveServer) -> None:
-    cfg = srv.start_session("verify-off", candidate="cand-never-enrolled-2", verification_policy={"mode": "none"})
+async def test_by_default_a_session_does_not_verify(srv: LiveServer) -> None:
+    _enroll(srv, "cand-a3")
+    cfg = srv.start_session("verify-off", candidate="cand-a3")
+    assert cfg["policy"]["verification"]["mode"] == "none"
     async with StreamClient.connect(stream_url(cfg)) as c:
         await c.sync()
-        await _stream(c, [jpeg_of(p) for p in _photos(B, B_PHOTOS)], 2.0)
+        await _stream(c, [jpeg_of(p) for p in _photos(B, B_PHOTOS)], 6.0)  # someone else, 4 checks' worth
         assert not _started(c, "IDENTITY_UNVERIFIED") and not _started(c, "FACE_MISMATCH")
+    state = srv.session("verify-off")
+    assert state["last_face_verification"] is None and state["counters"]["alerts_by_type"] == {}
 
 
 # ---- the checks on the rule engine (synthetic embeddings: which face, quality, restart)

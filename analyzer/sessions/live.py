@@ -125,6 +125,8 @@ class LiveSession:
             else:
                 ref = Reference.from_enrollment(enrollment) if enrollment is not None else None
                 reason = "no_enrollment" if enrollment is None else "enrollment_without_embeddings"
+        if self.state != "active":
+            return  # ended meanwhile (or rebuilt only to end its open incidents): nothing to say
         now = time.time()
         if ref is None:
             events = self.engine.control(EventType.IDENTITY_UNVERIFIED, True, now, reason)

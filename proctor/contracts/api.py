@@ -60,14 +60,15 @@ def check_bounded_json(value: Any, what: str, max_bytes: int, max_depth: int = M
 
 
 class VerificationPolicy(BaseModel):
-    """Face checks against the candidate's enrollment (docs/rules.md, FACE_MISMATCH): none; start (checks until
-    the first match, then no more); periodic or continuous (a check every interval_s of analysed video, the
-    two are the same today). threshold: cosine similarity below which a check is a mismatch (default: the
-    model's MATCH_THRESHOLD, 0.58)."""
+    """Face checks against the candidate's enrollment (docs/rules.md, "Face verification"), opt-in per session:
+    none (the default: no checks, nothing said about identity); start (checks until the first match); periodic
+    or continuous (a check every interval_s of analysed video all session long; the two are the same today). A
+    verifying session whose candidate has no enrollment raises IDENTITY_UNVERIFIED once. threshold: cosine
+    similarity below which a check is a mismatch (default: the model's MATCH_THRESHOLD, 0.58)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
-    mode: Literal["none", "start", "periodic", "continuous"] = "periodic"
+    mode: Literal["none", "start", "periodic", "continuous"] = "none"
     interval_s: float = Field(default=2.0, gt=0, le=3600, description="Seconds of analysed video between checks")
     threshold: float | None = Field(default=None, ge=0, le=1)
 
