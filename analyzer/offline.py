@@ -111,6 +111,7 @@ def analyze_video(
     engine = RuleEngine(policy)
     sampler = Sampler(policy.video_fps)
     clock = ModelClock()
+    clock.off.add("face_embedding")  # a recording has no enrollment to verify against: no use for embeddings
     out: list[tuple[float, Alert]] = []
     analysed = 0
     last_t = 0.0
