@@ -234,3 +234,15 @@ async def test_deleting_the_candidate_drops_the_reference_live_sessions_hold(srv
         assert live.engine.verifier.reference is not None
         assert srv.app.state.sessions.forget_enrollment("cand-a4") == 1
         assert live.engine.verifier.reference is None and "face_embedding" in live.clock.off
+
+
+def test_face_mismatch_is_strong_evidence_with_another_person() -> None:
+    engine = _engine()
+    events = []
+    for seq in range(7):  # two strangers, neither the enrolled candidate
+        events += _frame(engine, seq, [_emb(STRANGER, 100, 150), _emb(_unit(2), 600, 150)])
+    started = [e.event_type for e in events if e.state == "started"]
+    assert {"FACE_MISMATCH", "MULTIPLE_FACES", "HIGH_CONFIDENCE_CHEATING"} <= set(started)
+    (hcc,) = [e for e in events if e.event_type == "HIGH_CONFIDENCE_CHEATING"]
+    assert "FACE_MISMATCH" in hcc.evidence["strong_incidents"]
+    assert engine.risk.score(107.0) > 0
