@@ -138,11 +138,6 @@ class LiveSession:
         if events:
             await self.emit(events)
 
-    def forget_enrollment(self) -> None:
-        """The candidate's identity data was deleted: no reference kept in memory, no more checks."""
-        self.engine.verifier.enroll(None)
-        self._sync_verification()
-
     # ---- state that survives a restart (SessionRow.rule_state; docs/operations.md "Restarts")
 
     def state_json(self) -> dict[str, Any]:

@@ -188,16 +188,6 @@ class SessionManager:
                     await s.flushed()  # an append in progress finishes first
         await self.save_state()
 
-    def forget_enrollment(self, candidate_id: str) -> int:
-        """Drops the enrollment vectors live sessions of this candidate hold in memory (privacy delete: nothing
-        left behind); their checks stop. Returns how many sessions held one."""
-        n = 0
-        for live in self.live.values():
-            if live.candidate_id == candidate_id and live.engine.verifier.reference is not None:
-                live.forget_enrollment()
-                n += 1
-        return n
-
     # ---- views
 
     def state_of(self, row: SessionRow) -> SessionState:
