@@ -121,6 +121,14 @@ class Settings(BaseSettings):
     audio_queue_seconds: float = Field(default=10.0, description="Audio buffered per session before backpressure")
     heartbeat_s: float = 10.0
     subscriber_queue: int = Field(default=256, description="Messages buffered per events subscriber")
+    verify_frame_buffer_s: float = Field(
+        default=5.0, gt=0, description="Media time of received frames kept per session for verify-frame"
+    )
+    verify_frame_buffer_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        description="JPEG bytes kept per session for verify-frame (the frames as received, not decoded)",
+    )
 
     # --- inference (the model fields below are declared here once and read by their stages through
     # analyzer/stages.py service_setting; a new stage declares its own settings in its module)

@@ -1,4 +1,5 @@
-"""/api/v1/enroll and /api/v1/verify: a candidate's face enrollment (checked image by image) and verification.
+"""/api/v1/enroll, /api/v1/verify and /api/v1/session/{id}/verify-frame: a candidate's face enrollment
+(checked image by image) and verification, of a photo or of a recent frame of a live session.
 
 Every image is checked at the door before anything decodes it (base64 and byte size, JPEG / PNG header,
 dimensions), then in the inference pool (never on the event loop): exactly one face, at least MIN_FACE_PX,
@@ -29,6 +30,8 @@ from livekit_proctor.analyzer.auth import Principal, require
 from livekit_proctor.analyzer.body_limit import body_limit
 from livekit_proctor.analyzer.detectors import faceembed
 from livekit_proctor.analyzer.jpeg import JpegHeaderError, image_size
+from livekit_proctor.analyzer.sessions import SessionClosed, SessionNotFound
+from livekit_proctor.contracts.alerts import ts_to_iso
 from livekit_proctor.contracts.api import ValidationIssue
 from livekit_proctor.contracts.identity import (
     ENROLL_MAX_BODY_BYTES,
@@ -48,10 +51,12 @@ from livekit_proctor.contracts.identity import (
     PoseAngles,
     Reason,
     StoredEmbeddingInfo,
+    VerifyFrameRequest,
+    VerifyFrameResponse,
     VerifyRequest,
     VerifyResponse,
 )
-from livekit_proctor.identity_store import EmbeddingIn, IdentityStore
+from livekit_proctor.identity_store import EmbeddingIn, Enrollment, IdentityStore
 
 router = APIRouter(prefix="/api/v1", tags=["identity"])
 
@@ -484,16 +489,32 @@ async def verify(body: VerifyRequest, request: Request, who: Verifier) -> Verify
     if enr is None or enr.template is None:
         raise _no_enrollment(body.candidate_id)
     checked = await request.app.state.pool.run(analyse, 0, body.image_base64, False)
+    return await verified(store, enr, body.candidate_id, checked, who)
+
+
+async def verified(
+    store: IdentityStore,
+    enr: Enrollment,
+    candidate_id: str,
+    checked: Checked,
+    who: Principal,
+    audit: dict[str, Any] | None = None,
+) -> VerifyResponse | JSONResponse:
+    """Scores an analysed image against the enrollment and records the attempt in the identity audit log
+    ("verify", with `audit` added): the answer of /verify and verify-frame, or their 422 without a usable face."""
+    extra = audit or {}
     if checked.face is None:
         refused = sorted({r.code for r in checked.check.reasons})
-        await asyncio.to_thread(store.record, "verify", body.candidate_id, who, {"refused": refused})
+        await asyncio.to_thread(store.record, "verify", candidate_id, who, {"refused": refused, **extra})
         return rejected("the image cannot be verified", [checked.check])
     face = checked.face
     q = face.quality
     # The mean of the similarities to each selected embedding: each is a single-pair score, the kind
     # MATCH_THRESHOLD was chosen for. Against the (renormalised) mean template impostors score higher
     # (shared photos: impostor max 0.65 vs 0.59 with three enrolled images), so the template is not used here.
-    vectors = [e.vector for e in enr.selected if e.vector is not None] or [enr.template]
+    vectors = [e.vector for e in enr.selected if e.vector is not None]
+    if not vectors and enr.template is not None:
+        vectors = [enr.template]
     score = round(float(np.mean([faceembed.similarity(face.embedding, v) for v in vectors])), 4)
     threshold = faceembed.MATCH_THRESHOLD
     match = score >= threshold
@@ -501,12 +522,12 @@ async def verify(body: VerifyRequest, request: Request, who: Verifier) -> Verify
     await asyncio.to_thread(
         store.record,
         "verify",
-        body.candidate_id,
+        candidate_id,
         who,
-        {"match": match, "similarity": score, "threshold": threshold, "enrollment_id": enr.enrollment_id},
+        {"match": match, "similarity": score, "threshold": threshold, "enrollment_id": enr.enrollment_id, **extra},
     )
     return VerifyResponse(
-        candidate_id=body.candidate_id,
+        candidate_id=candidate_id,
         match=match,
         similarity_score=score,
         threshold_used=threshold,
@@ -522,4 +543,59 @@ async def verify(body: VerifyRequest, request: Request, who: Verifier) -> Verify
         ),
         warnings=checked.check.reasons,
         timestamp=now.isoformat(),
+    )
+
+
+@router.post(
+    "/session/{session_id}/verify-frame",
+    response_model=VerifyFrameResponse,
+    responses=_with_image_422(
+        errors(
+            400,
+            *AUTH,
+            404,
+            409,
+            413,
+            422,
+            e404="Unknown session, the frame is no longer (or not yet) in the session's recent frames, or the "
+            "candidate has no enrollment",
+            e409="The session has ended or expired",
+        ),
+        "The request did not validate (ValidationErrorBody), or the frame has no face or several faces (ImageRejected)",
+    ),
+)
+async def verify_frame(
+    session_id: str, body: VerifyFrameRequest, request: Request, who: Verifier
+) -> VerifyFrameResponse | JSONResponse:
+    """Verifies a recent frame of a live session (`frame_id`, or `latest: true`) against its candidate's
+    enrollment, as /verify does a photo. The session keeps its last few seconds of received frames (JPEG,
+    memory-bounded: docs/identity.md). The result is an identity audit record ("verify", with the trigger and
+    frame id) and raises no alert."""
+    try:
+        live = await request.app.state.sessions.get_live(session_id)
+    except SessionNotFound:
+        raise HTTPException(404, f"unknown session {session_id}") from None
+    except SessionClosed as e:
+        raise HTTPException(409, f"session {session_id} is {e}") from None
+    frame = live.recent.latest() if body.latest else live.recent.get(body.frame_id or 0)
+    if frame is None:
+        span = live.recent.span()
+        held = f"frames {span[0]}-{span[1]} are held" if span else "no frame has been received lately"
+        wanted = "no recent frame" if body.latest else f"frame {body.frame_id} is not among the recent frames"
+        raise HTTPException(404, f"{wanted} of session {session_id} ({held})")
+    store = _store(request)
+    enr = await asyncio.to_thread(store.get_enrollment, live.candidate_id)
+    if enr is None or enr.template is None:
+        raise _no_enrollment(live.candidate_id)
+    checked = await request.app.state.pool.run(analyse, 0, frame.jpeg, False)
+    audit = {"exam_session_id": session_id, "frame_id": frame.seq, "trigger": body.trigger}
+    out = await verified(store, enr, live.candidate_id, checked, who, audit)
+    if isinstance(out, JSONResponse):
+        return out
+    return VerifyFrameResponse(
+        **out.model_dump(),
+        exam_session_id=session_id,
+        frame_id=frame.seq,
+        frame_ts=ts_to_iso(frame.ts),
+        trigger=body.trigger,
     )

@@ -8,6 +8,7 @@ media.py       video latest-wins slot, lossless bounded audio queue, the ping ba
 supervisor.py  workers restarted after an exception, never a silent dead task
 emitter.py     alerts out: rate limit, build (analyzer/alerting.py), outbox with the state, fan-out
 fanout.py      bounded per-WebSocket queues of outgoing messages
+frames.py      the last seconds of received frames (JPEG), for verify-frame
 manager.py     SessionManager: lifecycle, restore after a restart, housekeeping, views
 """
 

@@ -19,6 +19,7 @@ from livekit_proctor.analyzer.rules.verification import Reference
 from livekit_proctor.analyzer.sessions.counters import Counters
 from livekit_proctor.analyzer.sessions.emitter import AlertEmitter
 from livekit_proctor.analyzer.sessions.fanout import Fanout, Subscriber
+from livekit_proctor.analyzer.sessions.frames import FrameBuffer
 from livekit_proctor.analyzer.sessions.media import AudioQueue, Barrier, VideoSlot
 from livekit_proctor.analyzer.sessions.store import aware, saver
 from livekit_proctor.analyzer.sessions.supervisor import Supervisor
@@ -77,6 +78,8 @@ class LiveSession:
         self.last_media_ts: float | None = None
         self.track_state: dict[str, str] = {}
         self.video: VideoSlot[Frame] = VideoSlot()
+        # The last seconds of received frames, as JPEG (verify-frame; frames.py says why not decoded).
+        self.recent = FrameBuffer(settings.verify_frame_buffer_s, settings.verify_frame_buffer_bytes)
         self.audio = AudioQueue(int(settings.audio_queue_seconds * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH))
         self.audio_paused_hint = False
         self.barrier = Barrier()
@@ -175,6 +178,7 @@ class LiveSession:
         self.counters.frames_received += 1
         self.m.metrics.frames.labels("received").inc()
         self.last_media_ts = msg.capture_ts
+        self.recent.add(msg.seq, msg.capture_ts, msg.payload)
         now = time.time()
         if self.last_frame_at is None or now - self.last_frame_at > 1.0:
             ended = self.engine.control(EventType.CAMERA_OFF, False, now, "frames_resumed")
@@ -371,6 +375,7 @@ class LiveSession:
             await asyncio.sleep(0.01)
         ts = self.last_media_ts or self.engine.last_ts or time.time()
         self.state = "ended"
+        self.recent.clear()
         await self.emit(self.engine.close_all(ts, reason))
         await self.workers.stop()
         self.barrier.close()  # nothing more will be analysed: release waiting pings

@@ -217,6 +217,37 @@ class VerifyResponse(BaseModel):
     timestamp: str
 
 
+class VerifyFrameRequest(BaseModel):
+    """Which recent frame of a live session to verify: `frame_id` (the seq of the wire protocol) or
+    `latest: true`, exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    frame_id: int | None = Field(default=None, ge=0, le=2**32 - 1, description="The frame's seq (docs/protocol.md)")
+    latest: bool | None = Field(default=None, description="true: the newest frame received")
+    trigger: str = Field(
+        default="manual",
+        min_length=1,
+        max_length=64,
+        description='Why the check was asked for (kept in the audit record), e.g. "manual", "proctor_request"',
+    )
+
+    @model_validator(mode="after")
+    def _one_frame(self) -> VerifyFrameRequest:
+        if (self.frame_id is None) == (self.latest is not True):
+            raise ValueError("give exactly one of frame_id or latest: true")
+        return self
+
+
+class VerifyFrameResponse(VerifyResponse):
+    """A /verify answer for a frame of the session's stream, and which frame it was."""
+
+    exam_session_id: str
+    frame_id: int = Field(description="The frame's seq (docs/protocol.md)")
+    frame_ts: str = Field(description="The frame's capture time, ISO 8601")
+    trigger: str
+
+
 class PrivacyDeleteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
