@@ -40,6 +40,9 @@ class Metrics:
             "proctor_incidents_suppressed_total", "Incidents over the per-session rate limit", ["type"], registry=r
         )
         self.outbox_errors = Counter("proctor_outbox_errors_total", "Failed outbox appends", registry=r)
+        self.expiry_sweeps = Counter(
+            "proctor_expiry_sweeps_total", "Expiry sweeps completed (every expiry_sweep_s)", registry=r
+        )
         self.protocol_errors = Counter(
             "proctor_protocol_errors_total", "Rejected client messages", ["code"], registry=r
         )

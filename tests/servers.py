@@ -7,7 +7,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,15 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port}")
+
+
+def wait_serving(proc: subprocess.Popen[Any], output: Callable[[], str]) -> None:
+    """Waits until a `proctor serve` process says it listens (uvicorn's "Uvicorn running on", logged once its
+    startup, models included, is complete) or fails when the process exits first. No wall-clock deadline: a slow
+    start on a busy machine is not a failure; a server that dies is, at once, with its output."""
+    while "Uvicorn running on" not in output():
+        assert proc.poll() is None, f"proctor serve exited ({proc.returncode}) before listening:\n{output()[-3000:]}"
+        time.sleep(0.1)
 
 
 class RedisServer:

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from livekit_proctor import observability
 from livekit_proctor.dispatcher.consumers.webhook import build_app
 from tests.conftest import REPO, LiveServer, StreamClient, black_jpeg, eventually, stream_url
+from tests.servers import wait_serving
 from tests.test_transport_webhook import NEW, Served
 
 
@@ -259,6 +261,14 @@ def test_serve_logs_json_and_flushes_its_spans_on_sigterm(tmp_path: Path) -> Non
         [sys.executable, "-m", "livekit_proctor.cli", "serve", "--port", str(port)],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    # Both pipes are read while the server runs (a full pipe would block its logging), each into a list.
+    streams: dict[str, list[str]] = {"out": [], "err": []}
+    readers = [
+        threading.Thread(target=lambda f=f, buf=buf: buf.extend(f), daemon=True)
+        for f, buf in ((proc.stdout, streams["out"]), (proc.stderr, streams["err"]))
+    ]
+    for t in readers:
+        t.start()
 
     async def one_frame(cfg: dict[str, Any]) -> None:
         async with StreamConnection.connect(stream_url(cfg)) as conn:
@@ -268,20 +278,16 @@ def test_serve_logs_json_and_flushes_its_spans_on_sigterm(tmp_path: Path) -> Non
             )
 
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, "proctor serve did not come up"
-            try:
-                if httpx.get(f"{base}/.well-known/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_serving(proc, lambda: "".join(streams["err"]))
         with httpx.Client(base_url=base, headers={"Authorization": "Bearer k1"}) as c:
             r = c.post("/api/v1/session/start", json={"exam_session_id": "cli-1", "candidate_id": "c", "exam_id": "e"})
             cfg = r.json()
             asyncio.run(one_frame(cfg))
         proc.terminate()
-        out, err = proc.communicate(timeout=60)
+        proc.wait(60)
+        for t in readers:
+            t.join(60)  # the pipes reach EOF once the process is gone
+        out, err = "".join(streams["out"]), "".join(streams["err"])
     finally:
         if proc.poll() is None:
             proc.kill()

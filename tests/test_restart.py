@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,19 @@ import httpx
 import pytest
 
 from tests.conftest import SYSTEM_KEY, StreamClient, black_jpeg, stream_url
-from tests.servers import free_port, wait_port
+from tests.servers import free_port, wait_serving
+
+
+def wait_for_sweeps(count: Callable[[], float], n: int, stuck_s: float = 600.0) -> None:
+    """Waits until n more expiry sweeps have completed (proctor_expiry_sweeps_total). Progress, not a deadline:
+    it fails only when the counter stands still for stuck_s (the housekeeping task is stuck, not slow)."""
+    target = count() + n
+    last, moved = count(), time.monotonic()
+    while (now := count()) < target:
+        if now != last:
+            last, moved = now, time.monotonic()
+        assert time.monotonic() - moved < stuck_s, f"no expiry sweep completed in {stuck_s:g} s"
+        time.sleep(0.2)
 
 
 class Serve:
@@ -40,10 +54,12 @@ class Serve:
         self.p: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Serve:
-        log = (self.data_dir.parent / f"serve-{self.port}.log").open("ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "livekit_proctor.cli", "serve"], env=self.env,
-                                  stdout=log, stderr=log)
-        wait_port(self.port, 120)
+        path = self.data_dir.parent / f"serve-{self.port}.log"
+        offset = path.stat().st_size if path.exists() else 0  # the log of this start only (restarts append)
+        with path.open("ab") as log:
+            self.p = subprocess.Popen([sys.executable, "-m", "livekit_proctor.cli", "serve"], env=self.env,
+                                      stdout=log, stderr=log)
+        wait_serving(self.p, lambda: path.read_bytes()[offset:].decode(errors="replace"))
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -131,15 +147,25 @@ async def test_sessions_that_expired_while_the_server_was_down_are_ended(tmp_pat
 def test_the_expiry_sweep_covers_sessions_nobody_reconnected_to(tmp_path: Path) -> None:
     """A session restored at startup whose client never comes back still expires on time (at startup if the
     restart took longer than its TTL, else by the sweep)."""
-    srv = Serve(tmp_path / "data", PROCTOR_SESSION_TTL_S="12", PROCTOR_EXPIRY_SWEEP_S="1").start()
+    srv = Serve(
+        tmp_path / "data", PROCTOR_SESSION_TTL_S="12", PROCTOR_EXPIRY_SWEEP_S="1", PROCTOR_METRICS_PUBLIC="true"
+    ).start()
     try:
         srv.post("/api/v1/session/start", {"exam_session_id": "y1", "candidate_id": "c", "exam_id": "e"})
         srv.stop(signal.SIGKILL)
         srv.start()
-        deadline = time.time() + 120
-        while srv.get("/api/v1/session/y1")["state"] == "active":
-            assert time.time() < deadline, "the session never expired"
-            time.sleep(0.5)
+        expires_at = datetime.fromisoformat(srv.get("/api/v1/session/y1")["expires_at"])
+
+        def sweeps() -> float:
+            assert srv.p is not None and srv.p.poll() is None, "proctor serve died"
+            text = httpx.get(srv.base + "/metrics", timeout=30).text
+            return float(re.search(r"^proctor_expiry_sweeps_total (\S+)$", text, flags=re.M)[1])  # type: ignore[index]
+
+        # The TTL is wall time by definition; then a sweep that began after it must have ended the session,
+        # however long that sweep took to come round on a busy machine.
+        while datetime.now(UTC) <= expires_at:
+            time.sleep(0.2)
+        wait_for_sweeps(sweeps, 2)
         assert srv.get("/api/v1/session/y1")["state"] == "expired"
     finally:
         srv.stop()
@@ -159,10 +185,11 @@ async def test_the_expiry_sweep_reads_the_database(tmp_path: Path) -> None:
         mgr.live.pop("z1").stop()  # as if another process had served it, or none since a restart
         with mgr.sm.begin() as db:
             db.execute(update(SessionRow).where(SessionRow.id == "z1").values(expires_at=utcnow()))
-        deadline = time.time() + 60
-        while server.session("z1")["state"] == "active":
-            assert time.time() < deadline, "the sweep never ended it"
-            await asyncio.sleep(0.1)
+        registry = server.app.state.metrics.registry
+        # Two completed sweeps from now: the second began after expires_at and must have ended it.
+        await asyncio.to_thread(
+            wait_for_sweeps, lambda: registry.get_sample_value("proctor_expiry_sweeps_total") or 0.0, 2
+        )
         assert server.session("z1")["state"] == "expired"
     finally:
         server.stop()

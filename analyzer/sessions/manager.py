@@ -175,6 +175,7 @@ class SessionManager:
                 for sid in expired:
                     await self._expire(sid)
                 await self.store.prune_ended(s.ended_session_retention_s)
+                self.metrics.expiry_sweeps.inc()  # a sweep that began after a session's expiry has ended it
             except Exception:
                 log.exception("housekeeping failed")
 
