@@ -595,8 +595,15 @@ def rotate(sm: sessionmaker, keyring: KeyRing, *, batch: int = 200) -> RotateRep
     """Re-encrypts every embedding and template with the key ring's current key (idempotent, resumable)."""
     rep = RotateReport(current=keyring.current)
 
-    def count(kid: str) -> None:
+    def current(blob: bytes, kind: str, row_id: str) -> bytes:
+        """The ciphertext under the current key (counted by the key it was under)."""
+        kid = KeyRing.key_id_of(blob)
         rep.before[kid] = rep.before.get(kid, 0) + 1
+        if kid == keyring.current:
+            return blob
+        rep.rows += 1
+        aad = _aad(kind, row_id)
+        return keyring.encrypt(keyring.decrypt(blob, aad), aad)
 
     last = ""
     while True:  # embeddings, a batch per transaction (by primary key)
@@ -609,22 +616,12 @@ def rotate(sm: sessionmaker, keyring: KeyRing, *, batch: int = 200) -> RotateRep
                 .with_for_update()
             ).all()
             for r in rows:
-                kid = KeyRing.key_id_of(r.vector)
-                count(kid)
-                if kid != keyring.current:
-                    aad = _aad("embedding", r.embedding_id)
-                    r.vector = keyring.encrypt(keyring.decrypt(r.vector, aad), aad)
-                    rep.rows += 1
+                r.vector = current(r.vector, "embedding", r.embedding_id)
         if len(rows) < batch:
             break
         last = rows[-1].embedding_id
     with sm.begin() as db:
         for e in db.scalars(select(EnrollmentRow).where(EnrollmentRow.template.is_not(None)).with_for_update()):
             assert e.template is not None
-            kid = KeyRing.key_id_of(e.template)
-            count(kid)
-            if kid != keyring.current:
-                aad = _aad("template", e.enrollment_id)
-                e.template = keyring.encrypt(keyring.decrypt(e.template, aad), aad)
-                rep.rows += 1
+            e.template = current(e.template, "template", e.enrollment_id)
     return rep
