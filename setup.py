@@ -45,9 +45,12 @@ class BuildPy(build_py):
     """Runs protoc (grpcio-tools, a build requirement) before the modules are collected."""
 
     def find_package_modules(self, package: str, package_dir: str) -> list[tuple[str, str, str]]:
-        if package.startswith("livekit_proctor.models."):
-            return []  # the extraction / conversion scripts beside the models stay in the checkout
-        return list(super().find_package_modules(package, package_dir))
+        modules = list(super().find_package_modules(package, package_dir))
+        if package == "livekit_proctor.models" or package.startswith("livekit_proctor.models."):
+            # The extraction / conversion scripts beside the models (and their shared tfjs_onnx.py) stay in
+            # the checkout; only the package marker is installed.
+            return [m for m in modules if m[1] == "__init__" and package == "livekit_proctor.models"]
+        return modules
 
     def run(self) -> None:
         # Loaded by path: the package itself is not importable while it is being built.

