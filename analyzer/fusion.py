@@ -55,6 +55,7 @@ class Observation:
     ran: frozenset[str] = field(default_factory=frozenset, repr=False)
     # Downscaled copy of the frame, for the evidence thumbnail of an alert (<= 160 px wide).
     preview: np.ndarray | None = field(default=None, repr=False)
+    frame_size: tuple[int, int] | None = None  # (width, height) of the analysed frame: the pixels of faces / mesh
 
     def evidence(self) -> dict[str, Any]:
         """Measured values for alert evidence."""
@@ -278,6 +279,7 @@ class PresenceFusion:
             values=self._latest(s),
             ran=frozenset(s.values),
             preview=s.preview,
+            frame_size=(s.width, s.height),
         )
 
     def _latest(self, s: FrameSignals) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet, Sampler
 from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
 from livekit_proctor.analyzer.rules.limits import IncidentLimiter
 from livekit_proctor.analyzer.rules.policy import effective_policy
+from livekit_proctor.analyzer.rules.spoof import stages_off as spoof_stages_off
 from livekit_proctor.contracts.alerts import Alert, IncidentState
 from livekit_proctor.contracts.api import SessionStartRequest
 
@@ -112,6 +113,7 @@ def analyze_video(
     sampler = Sampler(policy.video_fps)
     clock = ModelClock()
     clock.off.add("face_embedding")  # a recording has no enrollment to verify against: no use for embeddings
+    clock.off |= spoof_stages_off(policy)  # the anti-spoofing CNNs only when the policy asks (it does not here)
     out: list[tuple[float, Alert]] = []
     analysed = 0
     last_t = 0.0

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from livekit_proctor.analyzer.fusion import Observation
 from livekit_proctor.analyzer.rules.incident import DistractionRule, DurationRule
+from livekit_proctor.analyzer.rules.spoof import THRESHOLDS as SPOOF_THRESHOLDS
+from livekit_proctor.analyzer.rules.spoof import spoof_rule
 from livekit_proctor.analyzer.rules.verification import DEFAULT_MIN_QUALITY, mismatch_rule
 from livekit_proctor.contracts.alerts import EventType as E
 from livekit_proctor.contracts.alerts import register_event_type, unregister_event_type
@@ -179,6 +181,10 @@ BUILTIN: tuple[RuleSpec, ...] = (
         E.FACE_MISMATCH, "face_verification", 0.0, 4.0, cooldown_s=10.0, severity=0.8, risk_weight=40,
         evidence_group="identity", measure_name="current_similarity",
         thresholds={"face_verification_min_quality": DEFAULT_MIN_QUALITY}, build=mismatch_rule,
+    ),
+    RuleSpec(  # a labelled heuristic, opt-in (spoof.py): a face that stays still for 10 s while the scene moves
+        E.SPOOF_SUSPECTED, "presentation_attack", 10.0, 2.0, cooldown_s=10.0, severity=0.5, risk_weight=10,
+        measure_name="still_s", thresholds=SPOOF_THRESHOLDS, build=spoof_rule,
     ),
     RuleSpec(  # more than distraction_count off-screen episodes within distraction_window_s
         E.FREQUENT_DISTRACTION, "gaze", 0.0, 0.0, cooldown_s=60.0, severity=0.5, severity_per_unit=0.05,

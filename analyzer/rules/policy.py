@@ -11,6 +11,7 @@ from livekit_proctor.contracts.api import (
     RulePolicy,
     SessionStartRequest,
     Thresholds,
+    feature_default,
 )
 
 # Higher sensitivity alerts sooner; lower waits longer. Scales trigger_after_s.
@@ -19,9 +20,9 @@ SENSITIVITY_SCALE = {"low": 1.5, "medium": 1.0, "high": 0.6}
 
 def effective_policy(req: SessionStartRequest, default_fps: float) -> EffectivePolicy:
     if req.features_enabled is None:
-        features = dict.fromkeys(FEATURES, True)
+        features = {f: feature_default(f) for f in FEATURES}
     elif isinstance(req.features_enabled, dict):
-        features = {f: req.features_enabled.get(f, True) for f in FEATURES}
+        features = {f: req.features_enabled.get(f, feature_default(f)) for f in FEATURES}
     else:
         features = {f: f in req.features_enabled for f in FEATURES}
     scale = SENSITIVITY_SCALE[req.sensitivity]

@@ -14,6 +14,7 @@ from livekit_proctor.analyzer.alerting import AlertBuilder
 from livekit_proctor.analyzer.pipeline import FrameDecodeError, ModelClock, Sampler
 from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
 from livekit_proctor.analyzer.rules.limits import IncidentLimiter
+from livekit_proctor.analyzer.rules.spoof import stages_off as spoof_stages_off
 from livekit_proctor.analyzer.rules.verification import STAGE as EMBEDDING_STAGE
 from livekit_proctor.analyzer.rules.verification import Reference
 from livekit_proctor.analyzer.sessions.counters import Counters
@@ -69,6 +70,7 @@ class LiveSession:
         self.restored = self._restore(row.rule_state or {})
         self.sampler = Sampler(self.policy.video_fps)
         self.clock = ModelClock()
+        self.clock.off |= spoof_stages_off(self.policy)  # the anti-spoofing CNNs only for sessions that ask
         # The face-embedding stage runs only while this session verifies an enrolled candidate, at its policy's
         # interval; the enrollment is read in a thread (below), never on the event loop.
         self.clock.intervals[EMBEDDING_STAGE] = self.engine.verifier.interval_s

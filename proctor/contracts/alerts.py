@@ -48,6 +48,9 @@ class EventType(StrEnum):
     IDENTITY_UNVERIFIED = "IDENTITY_UNVERIFIED"
     MULTIPLE_SPEAKERS = "MULTIPLE_SPEAKERS"
     HIGH_CONFIDENCE_CHEATING = "HIGH_CONFIDENCE_CHEATING"
+    # A presentation attack (a photo or a screen held up to the camera) suspected by a labelled heuristic;
+    # opt-in per session (feature `presentation_attack`), evidence.method says which check raised it.
+    SPOOF_SUSPECTED = "SPOOF_SUSPECTED"
 
 
 EVENT_TYPE_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{1,63}$")

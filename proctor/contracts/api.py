@@ -21,7 +21,18 @@ FEATURES = (
     "objects",
     "body_pose",
     "audio",
+    "presentation_attack",
+    "antispoof_model",
 )
+# Features that are off unless a session names them (features_enabled: in a list, or true in an object): the
+# presentation-attack heuristics (SPOOF_SUSPECTED, docs/rules.md "Presentation attacks"), whose false alarms on
+# real candidates are measured on very little data.
+OPT_IN_FEATURES = ("presentation_attack", "antispoof_model")
+
+
+def feature_default(name: str) -> bool:
+    """Whether a feature the session does not name is on."""
+    return name not in OPT_IN_FEATURES
 
 
 # Free-form JSON a client may store with a session (metadata, extra verification fields): it is kept in the
