@@ -15,6 +15,21 @@ Cost: ms per face crop (crop + both models) beside one BlazeFace full-range dete
 Still face: the tracker over the shared videos (real people; "center_left_center" keeps the head still while the
 eyes move), as a false-alarm check: its longest still run and whether it fired; then a synthetic attack made from
 the same videos (a frozen face region over a moving scene, with camera noise): when it first fires.
+SPOOF_SUSPECTED (analyzer/rules/spoof.py) end to end: frames as JPEG (quality 85) through the pipeline (faces,
+mesh, antispoof stage) and a session's rule engine with both opt-in methods on (features presentation_attack and
+antispoof_model), counting incidents by evidence.method:
+  videos    the shared videos (real people who move naturally; the hamilton clip is a film with cuts): false
+            alarms per minute of real video.
+  oep       per OEP subject, the frames in time order as a slideshow, each frame HELD for 2 s and for 12 s with
+            fresh camera noise (sigma 3) on every analysed frame. A held frame IS a frozen face: with 12 s the
+            face is still for longer than the rule's 10 s, so this is not a "real behaviour" test. It measures
+            the scene guard: camera noise alone must not count as a moving scene, and the jump to the next frame
+            of the same subject (face and scene change together) must restart the run. A frozen feed (the whole
+            picture still) is NOT flagged by the still-face method by design. For the model method, a held frame
+            gives the frame's scores again: its false alarms are those of single OEP frames.
+  synthetic SYNTHETIC attacks, labelled as such: (a) a shared identity photo pasted unchanged over a scrolling
+            texture with camera noise (tests/test_presentation_attack.py streams the same); (b) the frozen face
+            region of center_focus over the moving hamilton clip (as above). When the rule first fires, how.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +58,11 @@ from livekit_proctor.analyzer.detectors.antispoof import (  # noqa: E402
 from livekit_proctor.analyzer.detectors.base import Face  # noqa: E402
 from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector  # noqa: E402
 from livekit_proctor.analyzer.detectors.facemesh import MediapipeFaceMesh  # noqa: E402
+from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet  # noqa: E402
+from livekit_proctor.analyzer.rules.engine import RuleEngine  # noqa: E402
+from livekit_proctor.analyzer.rules.policy import effective_policy  # noqa: E402
+from livekit_proctor.analyzer.rules.spoof import SpoofRule, stages_off  # noqa: E402
+from livekit_proctor.contracts.api import SessionStartRequest  # noqa: E402
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 ATTACK_WORDS = ("spoof", "print", "screen", "replay", "attack", "fake")
@@ -158,7 +179,7 @@ def still_face_videos(data: Path, det: BlazeFaceDetector, mesh: MediapipeFaceMes
                 steps.append(float(np.median(np.linalg.norm(pts - prev, axis=1))) / max(box.w, box.h))
             prev = pts
             hit = tracker.update(ts, thumb, (rgb.shape[1], rgb.shape[0]), box, m.landmarks if m else None)
-            t0 = tracker._t0  # the start of the current still run (bench only)
+            t0 = tracker.run_start
             if t0 is not None:
                 longest = max(longest, ts - t0)
             fired += hit is not None
@@ -221,6 +242,137 @@ def synthetic_photo_attack(
     return {"frames": n, "first_fired": first, "step_motion": distribution(steps)}
 
 
+# ---- SPOOF_SUSPECTED through the pipeline and a session's rule engine ------------------------------------
+
+Frames = Iterator[tuple[float, np.ndarray]]  # (offset s, RGB)
+
+OEP_HOLDS_S = (2.0, 12.0)
+IDENTITY_PHOTO = "faces/identity/angelina_jolie/deepface__img1.jpg"
+
+
+def rule_run(models: ModelSet, frames: Frames) -> dict[str, Any]:
+    """Frames (offset s, RGB) through the pipeline and a fresh session's rules, both spoof methods on."""
+    req = SessionStartRequest(
+        exam_session_id="bench", candidate_id="c", exam_id="e",
+        features_enabled={"presentation_attack": True, "antispoof_model": True},
+    )  # fmt: skip
+    policy = effective_policy(req, VIDEO_FPS)
+    engine, clock = RuleEngine(policy), ModelClock()
+    clock.off |= stages_off(policy)
+    rule = next(r for r in engine.rules if isinstance(r, SpoofRule))
+    n, seconds, longest, scene_at_still = 0, 0.0, 0.0, 0.0
+    started: list[dict[str, Any]] = []
+    for i, (ts, rgb) in enumerate(frames):
+        jpeg = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])[1]
+        for ev in engine.observe(models.analyze_jpeg(jpeg.tobytes(), i, ts, clock)):
+            if ev.event_type == "SPOOF_SUSPECTED" and ev.state == "started":
+                keep = ("method", "still_s", "face_motion", "scene_motion", "antispoof_real_mean", "liveness_live_mean")
+                started.append({"at_s": round(ts, 2), **{k: ev.evidence[k] for k in keep if k in ev.evidence}})
+        t0 = rule.tracker.run_start
+        if t0 is not None:
+            longest = max(longest, ts - t0)
+            if ts - t0 >= rule.still_s:  # the face was still long enough: only the scene guard stands between
+                scene_at_still = max(scene_at_still, rule.tracker.scene_motion)
+        n, seconds = n + 1, ts
+    return {
+        "frames": n,
+        "seconds": round(seconds, 1),
+        "incidents": len(started),
+        "by_method": {m: sum(1 for e in started if e["method"] == m) for m in ("still_face", "antispoof_model")},
+        "longest_still_s": round(longest, 2),
+        "max_scene_motion_once_still_long_enough": round(scene_at_still, 2),
+        "started": started[:3],
+    }
+
+
+def sampled_video(path: Path) -> Frames:
+    cap = cv2.VideoCapture(str(path))
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    step, i = max(1, round(fps / VIDEO_FPS)), 0
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        if i % step == 0:
+            yield i / fps, np.ascontiguousarray(bgr[:, :, ::-1])
+        i += 1
+    cap.release()
+
+
+def oep_slideshow(data: Path, rows: list[dict[str, str]], hold_s: float, noise: float = 3.0) -> Frames:
+    rng = np.random.default_rng(0)
+    k = 0
+    for r in sorted(rows, key=lambda r: int(r["time_s"])):
+        img = load_rgb(data / r["file"]).astype(np.float32)
+        for _ in range(int(hold_s * VIDEO_FPS)):
+            yield k / VIDEO_FPS, np.clip(img + rng.normal(0, noise, img.shape), 0, 255).astype(np.uint8)
+            k += 1
+
+
+def identity_photo_attack(data: Path, seconds: float = 20.0, size: tuple[int, int] = (640, 480)) -> Frames:
+    """SYNTHETIC: the identity photo (300 px tall) pasted unchanged over a coarse texture scrolling 12 px a frame,
+    camera noise sigma 3 (the frames tests/test_presentation_attack.py streams)."""
+    photo = load_rgb(data / IDENTITY_PHOTO)
+    w, h = size
+    rng = np.random.default_rng(0)
+    ph = 300
+    pw = round(photo.shape[1] * ph / photo.shape[0])
+    pasted = cv2.resize(photo, (pw, ph), interpolation=cv2.INTER_AREA).astype(np.float32)
+    texture = rng.uniform(0, 255, (h // 40, 3 * w // 40, 3)).astype(np.float32)
+    background = cv2.resize(texture, (3 * w, h), interpolation=cv2.INTER_CUBIC)
+    x0, y0 = (w - pw) // 2, (h - ph) // 2
+    for k in range(int(seconds * VIDEO_FPS)):
+        off = (12 * k) % (2 * w)
+        frame = background[:, off : off + w].copy()
+        frame[y0 : y0 + ph, x0 : x0 + pw] = pasted
+        yield k / VIDEO_FPS, np.clip(frame + rng.normal(0, 3.0, frame.shape), 0, 255).astype(np.uint8)
+
+
+def frozen_region_attack(data: Path, det: BlazeFaceDetector, seconds: float = 20.0, noise: float = 3.0) -> Frames:
+    """SYNTHETIC: the face region of center_focus's first frame over the looping hamilton clip (as
+    synthetic_photo_attack), as frames for rule_run."""
+    cap = cv2.VideoCapture(str(data / "video/proctoring_ai__center_focus.mp4"))
+    ok, bgr = cap.read()
+    cap.release()
+    if not ok:
+        raise ValueError("cannot read proctoring_ai__center_focus.mp4")
+    photo = np.ascontiguousarray(bgr[:, :, ::-1])
+    h, w = photo.shape[:2]
+    b = max(det.detect(photo), key=lambda x: x.box.w * x.box.h).box
+    x0, y0 = max(0, int(b.x - b.w / 2)), max(0, int(b.y - b.h / 2))
+    x1, y1 = min(w, int(b.x + b.w * 1.5)), min(h, int(b.y + b.h * 1.5))
+    scenes = [cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) for _, rgb in sampled_video(
+        data / "video/face_recognition__short_hamilton_clip.mp4")]  # fmt: skip
+    rng = np.random.default_rng(0)
+    for k in range(int(seconds * VIDEO_FPS)):
+        frame = scenes[k % len(scenes)].copy()
+        frame[y0:y1, x0:x1] = photo[y0:y1, x0:x1]
+        yield (
+            k / VIDEO_FPS,
+            np.clip(frame.astype(np.float32) + rng.normal(0, noise, frame.shape), 0, 255).astype(np.uint8),
+        )
+
+
+def spoof_rule_report(data: Path, det: BlazeFaceDetector) -> dict[str, Any]:
+    models = ModelSet.load(antispoof=True, objects_model="none", body_pose=False, segmentation=False)
+    out: dict[str, Any] = {"videos": {}, "oep": {}, "synthetic": {}}
+    for p in sorted((data / "video").glob("*.mp4")):
+        out["videos"][p.name] = rule_run(models, sampled_video(p))
+    minutes = sum(v["seconds"] for v in out["videos"].values()) / 60
+    incidents = sum(v["incidents"] for v in out["videos"].values())
+    out["videos_false_alarms_per_minute"] = {"minutes": round(minutes, 2), "incidents": incidents,
+                                             "per_minute": round(incidents / minutes, 3)}  # fmt: skip
+    with (data / "faces/webcam_oep/labels.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for hold in OEP_HOLDS_S:
+        for subject in sorted({r["oep_subject"] for r in rows}):
+            mine = [r for r in rows if r["oep_subject"] == subject]
+            out["oep"][f"{subject} hold {hold:g} s"] = rule_run(models, oep_slideshow(data, mine, hold))
+    out["synthetic"]["identity photo over scrolling texture"] = rule_run(models, identity_photo_attack(data))
+    out["synthetic"]["frozen face region over the hamilton clip"] = rule_run(models, frozen_region_attack(data, det))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("data", nargs="?", type=Path, default=REPO.parent / "shared" / "data")
@@ -249,6 +401,7 @@ def main() -> None:
     mesh = MediapipeFaceMesh()
     report["still_face_videos"] = still_face_videos(data, det, mesh)
     report["still_face_synthetic_attack"] = synthetic_photo_attack(data, det, mesh)
+    report["spoof_rule"] = spoof_rule_report(data, det)
 
     if args.json:
         print(json.dumps(report, indent=2))
@@ -270,6 +423,20 @@ def main() -> None:
         print(f"  {name:45s} {v}")
     print("still-face tracker on a synthetic photo (still face region, moving scene, camera noise sigma 3):")
     print(f"  {report['still_face_synthetic_attack']}")
+    r = report["spoof_rule"]
+    print("SPOOF_SUSPECTED (pipeline + rule engine, both opt-in methods on):")
+    print("  real videos (people moving naturally; hamilton is a film):")
+    for name, v in r["videos"].items():
+        print(f"    {name:45s} {v}")
+    fa = r["videos_false_alarms_per_minute"]
+    print(f"  -> false alarms: {fa['incidents']} in {fa['minutes']} min of real video = {fa['per_minute']} per minute")
+    print("  OEP subjects as a slideshow, each frame held (a held frame is a frozen face: this tests the scene")
+    print("  guard and the restart between frames, not natural behaviour; camera noise sigma 3):")
+    for name, v in r["oep"].items():
+        print(f"    {name:22s} {v}")
+    print("  SYNTHETIC attacks:")
+    for name, v in r["synthetic"].items():
+        print(f"    {name:45s} {v}")
 
 
 if __name__ == "__main__":

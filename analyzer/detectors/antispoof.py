@@ -8,8 +8,9 @@
 * `StillFaceTracker`: model-free. A face whose landmarks (or box) do not move at all for N seconds while the rest
   of the frame does is what a photo propped in front of a live scene looks like; a person moves a little all the
   time. Pure numpy on what the pipeline already has (landmarks or box, a small grey thumbnail of the frame).
-* `AntiSpoofStage`: the models in a live session, off by default (`antispoof` setting). No rule reads its signal
-  yet: whether SPOOF_SUSPECTED is raised, and from what, is decided after the measurements.
+* `AntiSpoofStage`: the models in a live session, off by default (`antispoof` setting), and then run only for the
+  sessions that ask for them (feature `antispoof_model`). The SPOOF_SUSPECTED rule (analyzer/rules/spoof.py)
+  reads both this signal and a per-session StillFaceTracker; both are opt-in, labelled heuristics.
 """
 
 from __future__ import annotations
@@ -144,6 +145,16 @@ class StillFaceTracker:
         self.min_scene_motion = float(min_scene_motion)
         self.reset()
 
+    @property
+    def run_start(self) -> float | None:
+        """Capture time at which the current still run began (None: no face)."""
+        return self._t0
+
+    @property
+    def scene_motion(self) -> float:
+        """The largest scene change (grey levels) measured in the current run so far."""
+        return self._scene_motion
+
     def reset(self) -> None:
         self._t0: float | None = None
         self._pts0: np.ndarray | None = None
@@ -214,8 +225,8 @@ class AntiSpoofSettings(StageSettings):
 
 
 class AntiSpoofStage(Stage):
-    """Both anti-spoofing CNNs on the largest face every INTERVAL_S of video. Off by default (`antispoof`): the
-    scores are a labelled heuristic, and no rule reads them yet."""
+    """Both anti-spoofing CNNs on the largest face every INTERVAL_S of video. Off by default (`antispoof`); when
+    loaded, it runs only in sessions with the feature `antispoof_model` (analyzer/rules/spoof.py, stages_off)."""
 
     name = "antispoof"
     writes = "antispoof"
