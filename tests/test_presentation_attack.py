@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("ai_edge_litert")
 
 from livekit_proctor.analyzer.detectors.antispoof import SpoofScores
-from livekit_proctor.analyzer.detectors.base import Box, Face
+from livekit_proctor.analyzer.detectors.base import Box, Face, FaceMesh, HeadPose
 from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet
 from livekit_proctor.analyzer.rules.engine import RuleEngine
 from livekit_proctor.analyzer.rules.policy import effective_policy
@@ -200,3 +200,41 @@ def test_the_antispoof_stage_runs_only_for_sessions_that_ask() -> None:
         clock = ModelClock()
         clock.off |= stages_off(_policy(features_enabled=features))
         assert ("antispoof" in models.analyze_rgb(rgb, 0, 0.0, clock).values) is runs, features
+
+
+LANDMARKS = np.random.default_rng(2).uniform(220, 300, (478, 3)).astype(np.float32)
+BACKGROUND = np.random.default_rng(1).uniform(0, 255, (120, 480, 3)).astype(np.uint8)
+
+
+def _frame(seq: int, shift: tuple[float, float] = (0.0, 0.0)) -> FrameSignals:
+    """A synthetic analysed frame (5 a second): a face at (220, 220) 80 px wide, its 478 landmarks moved by
+    `shift` pixels, and a preview whose background scrolls (the scene moves)."""
+    dx, dy = shift
+    lm = LANDMARKS + np.array([dx, dy, 0.0], np.float32)
+    face = Face(Box(220.0 + dx, 220.0 + dy, 80.0, 80.0), 0.9)
+    preview = np.ascontiguousarray(np.roll(BACKGROUND, 7 * seq, axis=1)[:, :160])
+    mesh = FaceMesh(lm, 0.9, HeadPose(0.0, 0.0, 0.0), None)
+    return FrameSignals(seq=seq, ts=100.0 + seq / FPS, width=640, height=480, faces=[face], mesh=mesh, preview=preview)
+
+
+def _spoof_events(engine: RuleEngine, frames: Iterator[FrameSignals]) -> list[tuple[float, str]]:
+    return [
+        (e.ts - 100.0, str(e.state)) for s in frames for e in engine.observe(s) if e.event_type == "SPOOF_SUSPECTED"
+    ]
+
+
+def test_an_open_incident_outlasts_one_jittery_frame_and_a_restart_and_ends_when_the_face_moves() -> None:
+    engine = RuleEngine(_policy(features_enabled=ASK))
+    events = _spoof_events(engine, (_frame(k) for k in range(60)))  # still for 12 s
+    assert events == [(10.0, "started")]
+    # One frame off by 2% of the face size (a detector glitch), then still again: the incident stays open.
+    assert not _spoof_events(engine, (_frame(k, (1.6, 0.0) if k == 60 else (0.0, 0.0)) for k in range(60, 75)))
+    # An analyzer restart: the rule state is restored, the tracker starts afresh; the photo is still there.
+    restarted = RuleEngine(_policy(features_enabled=ASK))
+    restarted.restore(engine.snapshot())
+    assert not _spoof_events(restarted, (_frame(k) for k in range(75, 140)))
+    # A person moving (a few pixels every frame) from 28 s on: the incident ends 2 s (clear_after_s) after the last
+    # frame with the condition (27.8 s: the restarted tracker had found the face still for 10 s again at 25 s).
+    moving = (_frame(k, (4.0 * np.sin(k / 3.0), 3.0 * np.cos(k / 4.0))) for k in range(140, 170))
+    ((t, state),) = _spoof_events(restarted, moving)
+    assert state == "ended" and t == pytest.approx(29.8)

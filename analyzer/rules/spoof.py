@@ -95,6 +95,9 @@ class SpoofRule(DurationRule):
         self.scores.clear()
 
     def _cond(self, o: Observation) -> bool | None:
+        """True while a method holds; False when the face is gone or was seen to move (the still run restarted);
+        None (says nothing) while a still run is under way but not yet long enough, so that one jittery frame
+        of a photo, or an analyzer restart (the tracker starts afresh), does not end an open incident."""
         if self._ts is not None and (o.ts < self._ts or o.ts - self._ts > MAX_EVIDENCE_GAP_S):
             self._reset()  # a gap (nothing seen in between) or the clock stepped back: a still run starts over
         self._ts = o.ts
@@ -104,22 +107,31 @@ class SpoofRule(DurationRule):
             self._reset()
             self.still = self.model = None
             return False
-        self.still = self._still_face(o, face)
+        looked = o.preview is not None and o.frame_size is not None
+        moved = False
+        if looked:
+            before = self.tracker.run_start
+            self.still = self._still_face(o, face)
+            moved = before is not None and self.tracker.run_start == o.ts  # the run restarted on this frame
+        else:
+            self.still = None
         self.model = self._model(o) if self.use_model else None
-        if self.still is None and self.model is None and (o.preview is None or o.frame_size is None):
-            return None  # neither method could look at this frame
-        hit = self.still is not None or bool(self.model and self.model["hit"])
+        model_hit = self.model is not None and self.model["hit"]
+        hit = self.still is not None or model_hit
         if not hit and self.active is None:
             self._figures = {}
         if self.still is not None:
             self._figures[STILL_FACE] = self._still_dict(self.still)
-        if self.model is not None and self.model["hit"]:
+        if self.model is not None and model_hit:
             self._figures[ANTISPOOF_MODEL] = self.model
-        return hit
+        if hit or moved:
+            return hit
+        if not looked and self.model is not None:
+            return False  # only the model could look, and its scores are not low
+        return None
 
     def _still_face(self, o: Observation, face: Face) -> StillFace | None:
-        if o.preview is None or o.frame_size is None:
-            return None
+        assert o.preview is not None and o.frame_size is not None
         mesh: FaceMesh | None = o.values.get("mesh") if "mesh" in o.ran else None
         landmarks = mesh.landmarks if mesh is not None else None
         return self.tracker.update(o.ts, _thumb(o.preview), o.frame_size, face.box, landmarks)
