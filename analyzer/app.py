@@ -155,9 +155,12 @@ def create_app(
             # A change of an enrollment through this analyzer reaches its live sessions at once (the store calls
             # its listeners from the thread it runs in); one through another analyzer, by the re-check below.
             loop = asyncio.get_running_loop()
-            st.identity.enrollment_listeners.append(
-                lambda cid: loop.call_soon_threadsafe(mgr.on_enrollment_changed, cid)
-            )
+
+            def enrollment_changed(candidate_id: str) -> None:
+                loop.call_soon_threadsafe(mgr.on_enrollment_changed, candidate_id)
+
+            st.identity.enrollment_listeners.append(enrollment_changed)
+            stack.callback(st.identity.enrollment_listeners.remove, enrollment_changed)
             await mgr.restore_active()  # sessions active before a restart go on (open incidents included)
             stack.push_async_callback(mgr.shutdown)
             st.host = host = Host(settings, sm)

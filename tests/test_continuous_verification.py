@@ -304,6 +304,19 @@ async def test_the_checks_leave_an_audit_trail_that_privacy_export_and_delete_co
     assert [e["action"] for e in left["identity_audit"]] == ["delete"]
 
 
+async def test_a_privacy_deletion_during_a_session_leaves_nothing_of_its_audit_trail(srv: LiveServer) -> None:
+    _enroll(srv, "cand-priv")
+    cfg = srv.start_session("verify-priv", candidate="cand-priv", calibration_s=0, verification_policy=VERIFY)
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        await c.sync()
+        await _stream(c, [jpeg_of(p) for p in _photos(A, A_OTHERS)], 2.0)
+    assert "first-check" in [a["action"] for a in srv.app.state.identity.audit_entries("cand-priv")]
+    with srv.http() as h:  # the session is still live: the deletion ends it (its summary is written) first
+        r = h.post("/api/v1/privacy/delete", json={"candidate_id": "cand-priv"})
+    assert r.status_code == 200 and r.json()["sessions_ended"] == ["verify-priv"]
+    assert [a["action"] for a in srv.app.state.identity.audit_entries("cand-priv")] == ["delete"]
+
+
 # ---- the checks on the rule engine (synthetic embeddings: which face, quality, restart)
 
 

@@ -533,6 +533,9 @@ class LiveSession:
         self.workers.cancel()
 
     async def flushed(self) -> None:
-        """Returns once an outbox append in progress has finished (shutdown saves the state after it)."""
+        """Returns once an outbox append in progress, and the identity audit records made, have been written
+        (shutdown saves the state after them)."""
         async with self.emitter.lock:
             pass
+        if self._audits:
+            await asyncio.wait(set(self._audits))
