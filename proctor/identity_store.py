@@ -15,7 +15,8 @@ What the enrollment, verification and privacy routes call; synchronous like the 
 - rotate: re-encrypts every vector and template with the current key.
 - enrollment_listeners: told the candidate id after each committed change of an enrollment here (enroll,
   delete, privacy deletion), so that live sessions of this process reload it at once; other processes
-  sharing the database see it through enrollment_ids (a cheap re-check), never through this.
+  sharing the database, and retention (purge_identity tells no one), are seen through enrollment_ids (the
+  sessions' cheap re-check).
 """
 
 from __future__ import annotations
