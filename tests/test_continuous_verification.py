@@ -284,7 +284,7 @@ async def test_the_checks_leave_an_audit_trail_that_privacy_export_and_delete_co
     cfg = srv.start_session("verify-audit", candidate="cand-audit", calibration_s=0, verification_policy=VERIFY)
     async with StreamClient.connect(stream_url(cfg)) as c:
         await c.sync()
-        await _stream(c, [jpeg_of(p) for p in _photos(B, B_PHOTOS)], 12.0)  # someone else: 7 checks
+        await _stream(c, [jpeg_of(p) for p in _photos(B, B_PHOTOS)], 12.0)  # someone else: a check every 2 s
         assert _started(c, "FACE_MISMATCH")
     with srv.http() as h:
         assert h.post("/api/v1/session/verify-audit/end").status_code == 200
@@ -297,8 +297,8 @@ async def test_the_checks_leave_an_audit_trail_that_privacy_export_and_delete_co
         assert first["match"] is False and first["similarity"] < first["threshold"]
         assert started["consecutive_mismatches"] == 3 and started["incident_id"] == ended["incident_id"]
         assert ended["end_reason"] == "ended_by_api"
-        assert summary["checks"] == summary["matches"] + summary["mismatches"] >= 6
-        assert summary["mismatches"] >= 3 and summary["skipped_quality"] >= 0 and summary["reloads"] == 0
+        assert summary["checks"] == summary["matches"] + summary["mismatches"] >= summary["mismatches"] >= 3
+        assert summary["skipped_quality"] >= 0 and summary["reloads"] == 0
         assert h.post("/api/v1/privacy/delete", json={"candidate_id": "cand-audit"}).status_code == 200
         left = h.get("/api/v1/privacy/export", params={"candidate_id": "cand-audit"}).json()
     assert [e["action"] for e in left["identity_audit"]] == ["delete"]
