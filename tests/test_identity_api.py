@@ -180,15 +180,15 @@ def test_verify_refuses_no_face_several_faces_and_unknown_candidates(srv: LiveSe
 
 def test_verify_refuses_faces_it_cannot_verify_instead_of_scoring_them(srv: LiveServer) -> None:
     with srv.http(SYSTEM_KEY) as c:
-        r = c.post("/api/v1/enroll", json={"candidate_id": "carol", "image_base64": photo(A[0])})
+        r = c.post("/api/v1/enroll", json={"candidate_id": "erin", "image_base64": photo(A[0])})
         assert r.status_code == 200, r.text
         for rel, reason in UNVERIFIABLE.items():
-            out = c.post("/api/v1/verify", json={"candidate_id": "carol", "image_base64": photo(rel)})
+            out = c.post("/api/v1/verify", json={"candidate_id": "erin", "image_base64": photo(rel)})
             assert out.status_code == 422, out.text
             body = out.json()
             assert body["error"] == "the face cannot be verified" and codes(body["images"][0]) == {reason}, body
             assert "similarity_score" not in body and "match" not in body  # refused: no score to misread
-    refused = [a["result"] for a in srv.app.state.identity.audit_entries("carol") if a["action"] == "verify"]
+    refused = [a["result"] for a in srv.app.state.identity.audit_entries("erin") if a["action"] == "verify"]
     assert [r["refused"] for r in refused] == [[r] for r in UNVERIFIABLE.values()]
 
 
