@@ -141,8 +141,12 @@ class Verifier:
             return False
         return not (self.mode == "start" and self.verified_once)
 
-    def enroll(self, reference: Reference | None) -> None:
+    def enroll(self, reference: Reference | None, *, reset: bool = False) -> None:
+        """Compare with `reference` from now on; reset=True (another enrollment, or none) also forgets the checks
+        made against the previous one: the mismatch count, the tracked face and the first match."""
         self.reference = reference
+        if reset:
+            self.consecutive, self.tracked, self.verified_once = 0, None, False
 
     def _pick(self, faces: list[FaceEmbedding]) -> tuple[FaceEmbedding, bool]:
         """The candidate's face among those embedded, and whether it was found by tracking."""

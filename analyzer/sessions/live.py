@@ -168,13 +168,11 @@ class LiveSession:
         changed = readable and self.enrollment_known and enrollment_id != self.enrollment_id
         if source != "start" and not changed:
             return  # told of a change that this session has already seen
-        verifier = self.engine.verifier
-        verifier.enroll(ref)
+        # Another enrollment (or none): the earlier checks were against other faces.
+        self.engine.verifier.enroll(ref, reset=changed)
         if readable:
             previous, self.enrollment_id, self.enrollment_known = self.enrollment_id, enrollment_id, True
         if changed:
-            # Another enrollment (or none): the earlier checks were against other faces.
-            verifier.consecutive, verifier.tracked, verifier.verified_once = 0, None, False
             self.face_checks["reloads"] += 1
             self._audit(
                 "reload",
