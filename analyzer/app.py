@@ -152,12 +152,22 @@ def create_app(
             # Creates the embedding key file (0600) on first start when no key is configured.
             st.identity = IdentityStore(sm, await asyncio.to_thread(load_keyring, settings))
             st.sessions = mgr = SessionManager(settings, sm, st.models, pool, st.sink, metrics, st.identity)
+            # A change of an enrollment through this analyzer reaches its live sessions at once (the store calls
+            # its listeners from the thread it runs in); one through another analyzer, by the re-check below.
+            loop = asyncio.get_running_loop()
+
+            def enrollment_changed(candidate_id: str) -> None:
+                loop.call_soon_threadsafe(mgr.on_enrollment_changed, candidate_id)
+
+            st.identity.enrollment_listeners.append(enrollment_changed)
+            stack.callback(st.identity.enrollment_listeners.remove, enrollment_changed)
             await mgr.restore_active()  # sessions active before a restart go on (open incidents included)
             stack.push_async_callback(mgr.shutdown)
             st.host = host = Host(settings, sm)
             for hook in hooks:
                 await stack.enter_async_context(hook(host))
             stack.push_async_callback(_cancel, asyncio.create_task(mgr.housekeeping()))
+            stack.push_async_callback(_cancel, asyncio.create_task(mgr.watch_enrollments()))
             log.info("analyzer ready on node %s with models %s", settings.node_id, st.models.describe())
             yield
 

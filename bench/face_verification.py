@@ -9,8 +9,11 @@ Sets, each scored as a whole (every pair, not a sample):
            labelled peer_present (two people in view) are left out of this set: which face is the subject is not
            labelled, and the largest one is often the peer; they are scored separately ("webcam+peer").
   template webcam, enrolled the way the routes will: the first 3 frames (by time) of a subject are enrolled,
-           every other frame of every subject is a probe; score = cosine with the mean of the 3 embeddings
-           ("mean") or the best of the 3 ("max").
+           every other frame of every subject is a probe; score = the mean of the 3 cosine similarities
+           ("mean": faceembed.match_score, what the routes and continuous verification use), the best of the 3
+           ("max") or the cosine with the renormalised mean embedding ("template").
+  verifiable the webcam sets restricted to faces faceembed.verification_problem lets through (landmarks found,
+           detector score >= VERIFY_MIN_DETECTOR_SCORE): the faces the service scores at all.
 
 Per set: ROC AUC, EER, the threshold at the EER, and TAR at FAR 1% (and the threshold giving it), for each
 alignment choice (face-mesh landmarks / BlazeFace keypoints / box only), crop margin and input preprocessing;
@@ -44,9 +47,12 @@ from livekit_proctor.analyzer.detectors.faceembed import (  # noqa: E402
     DEFAULT_MARGIN,
     MATCH_THRESHOLD,
     FaceEmbedder,
+    FaceEmbedding,
     align,
     alignment_matrix,
     face_quality,
+    match_score,
+    verification_problem,
 )
 from livekit_proctor.analyzer.detectors.facemesh import MediapipeFaceMesh  # noqa: E402
 
@@ -188,7 +194,12 @@ def template_scores(frames: list[Image], e: dict[str, np.ndarray], how: str) -> 
         for f in frames:
             if f.rel not in e or f.rel in enrolled_files:
                 continue
-            s = float(mean @ e[f.rel]) if how == "mean" else float((embs @ e[f.rel]).max())
+            if how == "mean":
+                s = match_score(embs, e[f.rel])[0]
+            elif how == "max":
+                s = float((embs @ e[f.rel]).max())
+            else:
+                s = float(mean @ e[f.rel])
             (gen if f.subject == subj else imp).append(s)
     return gen, imp
 
@@ -275,13 +286,35 @@ def main() -> None:
     e_wc = embed_all(frames, emb, "mesh")
     g, i, missing = photo_scores(pairs, e_ph)
     print(f"photos: {missing} pair(s) without a face in one image (left out)")
+
+    # The verifiability gate (faceembed.verification_problem) and the scoring (match_score) the service uses.
+    def problem(f: Image) -> str | None:
+        if f.face is None or f.rel not in e_wc:
+            return "no_face"
+        _, used = alignment_matrix(f.face, f.mesh, emb.margin, "mesh")
+        fe = FaceEmbedding(f.face, e_wc[f.rel], face_quality(f.rgb, f.face, f.mesh), used)
+        p = verification_problem(fe)
+        return p[0] if p else None
+
+    problems = {f.rel: problem(f) for f in single}
+    landmarks = [f for f in single if problems[f.rel] not in ("no_face", "no_landmarks")]
+    verifiable = [f for f in single if problems[f.rel] is None]
+    with_face = [f for f in single if problems[f.rel] != "no_face"]
+    print("\n== webcam, the verifiability gate (faces the service scores at all; others are refused / skipped)")
+    for name, fs in (("every face", with_face), ("landmarks found", landmarks), ("+ detector >= 0.5", verifiable)):
+        print(f"{name:18s} {len(fs):2d} of {len(with_face)} faces  {roc(*split(webcam_pairs(fs, e_wc))).row()}")
+    for how in ("mean", "max", "template"):
+        print(f"3-frame {how:10s} {roc(*template_scores(verifiable, e_wc, how)).row()}")
+
     thr = MATCH_THRESHOLD
-    print(f"at MATCH_THRESHOLD {thr:.2f}: photos FRR {_rate(g, thr, below=True)}, FAR {_rate(i, thr)}")
-    tg, ti = template_scores(single, e_wc, "max")
-    wp = webcam_pairs(single, e_wc)
+    print(f"\nat MATCH_THRESHOLD {thr:.2f}: photos FRR {_rate(g, thr, below=True)}, FAR {_rate(i, thr)}")
+    wp = webcam_pairs(verifiable, e_wc)
     wg, wi = split(wp)
-    print(f"          webcam (template max) FRR {_rate(tg, thr, below=True)}, FAR {_rate(ti, thr)}")
-    print(f"                     webcam FRR {_rate(wg, thr, below=True)}, FAR {_rate(wi, thr)}")
+    print(f"          verifiable webcam pairs FRR {_rate(wg, thr, below=True)}, FAR {_rate(wi, thr)}")
+    for how in ("mean", "max"):
+        tg, ti = template_scores(verifiable, e_wc, how)
+        print(f"          3-frame enrollment, {how:4s} FRR {_rate(tg, thr, below=True)}, FAR {_rate(ti, thr)}")
+    wp = webcam_pairs(single, e_wc)  # the per-subject and per-condition tables below: every face, ungated
 
     print("\n== webcam, per OEP subject (its genuine pairs vs its impostor pairs)")
     for subj in sorted({f.subject for f in single if f.face}):

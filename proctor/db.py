@@ -173,7 +173,7 @@ class IdentityAuditRow(Base):
     __tablename__ = "identity_audit"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    action: Mapped[str] = mapped_column(String(16))  # enroll | re-enroll | verify | delete | export
+    action: Mapped[str] = mapped_column(String(16))  # identity_store.ACTIONS
     candidate_id: Mapped[str] = mapped_column(String(128), index=True)
     key_id: Mapped[str] = mapped_column(String(64))  # the API key's id (hash prefix), never the key
     role: Mapped[str] = mapped_column(String(16))

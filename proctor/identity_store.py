@@ -13,13 +13,18 @@ What the enrollment, verification and privacy routes call; synchronous like the 
   their metadata (ids, quality, box, pose, selection, key id) is always in.
 - purge_identity: retention (identity_retention_s after the candidate's last session), from `proctor purge`.
 - rotate: re-encrypts every vector and template with the current key.
+- enrollment_listeners: told the candidate id after each committed change of an enrollment here (enroll,
+  delete, privacy deletion), so that live sessions of this process reload it at once; other processes
+  sharing the database, and retention (purge_identity tells no one), are seen through enrollment_ids (the
+  sessions' cheap re-check).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
@@ -41,7 +46,21 @@ from livekit_proctor.db import (
     utcnow,
 )
 
-ACTIONS = ("enroll", "re-enroll", "verify", "delete", "export")
+ACTIONS = (
+    "enroll",
+    "re-enroll",
+    "verify",
+    "delete",
+    "export",
+    # A live session's continuous face checks (the analyzer, role "system"; docs/identity.md):
+    "first-check",  # the session's first conclusive check
+    "mismatch-started",  # a FACE_MISMATCH incident started / ended
+    "mismatch-ended",
+    "reload",  # the session reloaded the candidate's enrollment (re-enrolled or deleted meanwhile)
+    "session-summary",  # at the session's end: checks, matches, mismatches, skipped for quality
+)  # at most 16 characters (IdentityAuditRow.action)
+
+log = logging.getLogger(__name__)
 
 
 class Actor(Protocol):
@@ -179,6 +198,16 @@ class IdentityStore:
     def __init__(self, sm: sessionmaker, keyring: KeyRing) -> None:
         self.sm = sm
         self.keyring = keyring
+        # Called with the candidate id after a committed change of their enrollment, from the calling thread
+        # (the composition root hands them on to the sessions' event loop). A failing listener is logged.
+        self.enrollment_listeners: list[Callable[[str], None]] = []
+
+    def _changed(self, candidate_id: str) -> None:
+        for fn in list(self.enrollment_listeners):
+            try:
+                fn(candidate_id)
+            except Exception:
+                log.exception("enrollment listener failed for a change of candidate %s", candidate_id)
 
     # --- audit
 
@@ -292,6 +321,7 @@ class IdentityStore:
             if old is not None:
                 result["replaced_enrollment_id"] = old.enrollment_id
             self._audit(db, "re-enroll" if old is not None else "enroll", candidate_id, who, result)
+        self._changed(candidate_id)
         got = self.get_enrollment(candidate_id)
         assert got is not None
         return got
@@ -342,6 +372,19 @@ class IdentityStore:
                 ],
             )
 
+    def enrollment_ids(self, candidate_ids: Sequence[str]) -> dict[str, str]:
+        """candidate id -> their enrollment's id, for those enrolled: one indexed query, no decryption (the
+        sessions' re-check of whether an enrollment changed under them)."""
+        if not candidate_ids:
+            return {}
+        with self.sm() as db:
+            rows = db.execute(
+                select(EnrollmentRow.candidate_id, EnrollmentRow.enrollment_id).where(
+                    EnrollmentRow.candidate_id.in_(list(candidate_ids))
+                )
+            )
+            return {c: e for c, e in rows.tuples()}
+
     def touch_session(self, candidate_id: str, at: datetime | None = None) -> None:
         """Notes a session of the candidate (identity retention counts from the latest one)."""
         with self.sm.begin() as db:
@@ -363,6 +406,7 @@ class IdentityStore:
             n = db.execute(delete(EmbeddingRow).where(EmbeddingRow.enrollment_id == enrollment_id)).rowcount
             db.delete(row)
             self._audit(db, "delete", candidate_id, who, {"enrollment_id": enrollment_id, "embeddings": n})
+        self._changed(candidate_id)
         return enrollment_id, n
 
     # --- privacy
@@ -402,6 +446,8 @@ class IdentityStore:
                 delete(AuditRow).where(or_(AuditRow.target == candidate_id, AuditRow.target.in_(sids)))
             ).rowcount
             self._audit(db, "delete", candidate_id, who, {"deleted": rep.counts()})
+        if rep.enrollments:
+            self._changed(candidate_id)
         return rep
 
     @staticmethod

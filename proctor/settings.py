@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         ge=0,
         description="JPEG bytes kept per session for verify-frame (the frames as received, not decoded)",
     )
+    enrollment_recheck_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Verifying sessions re-check their candidate's enrollment id this often, to see a change made "
+        "through another analyzer sharing the database (one query per check for all sessions; 0: never)",
+    )
 
     # --- inference (the model fields below are declared here once and read by their stages through
     # analyzer/stages.py service_setting; a new stage declares its own settings in its module)

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -25,6 +26,7 @@ from livekit_proctor.analyzer.detectors.faceembed import (
     align,
     alignment_matrix,
     embed_image,
+    match_score,
     similarity,
     similarity_transform,
     template,
@@ -129,3 +131,28 @@ def test_stage_when_switched_on_embeds_the_face_in_view() -> None:
     (emb,) = sig.values["face_embeddings"]
     assert emb.alignment == "mesh"  # the face_mesh stage ran before it
     assert similarity(emb.embedding, _embedding("faces/identity/angelina_jolie/deepface__img1.jpg")) > 0.99
+
+
+def test_match_score_is_the_mean_similarity_and_names_the_closest_embedding() -> None:
+    e = np.eye(4, dtype=np.float32)
+    probe = np.array([0.6, 0.8, 0.0, 0.0], np.float32)
+    score, best = match_score(e[:3], probe)
+    assert score == pytest.approx((0.6 + 0.8 + 0.0) / 3) and best == 1
+    assert match_score(e[0], probe) == (pytest.approx(0.6), 0)  # one enrolled embedding: the plain cosine
+    with pytest.raises(ValueError):
+        match_score(np.zeros((0, 4)), probe)
+    with pytest.raises(ValueError):
+        match_score(e[:2], np.ones(3))
+
+
+def test_sharpness_measures_blur_not_resolution() -> None:
+    """The enrollment's sharpness check (>= 100) reads the face resized to 112 px: the same sharp photo passes
+    at any size, and a blur that costs verification accuracy fails at any size."""
+    rgb = load_rgb("faces/identity/angelina_jolie/deepface__img1.jpg")
+    for side in (300, 600, 1200):
+        s = side / max(rgb.shape[:2])
+        img = cv2.resize(rgb, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        (sharp,) = embed_image(img)
+        blurred_img = cv2.GaussianBlur(img, (0, 0), 1.5 * max(1.0, sharp.quality.face_px / 112.0))
+        (blurred,) = embed_image(blurred_img)
+        assert sharp.quality.sharpness >= 100 > blurred.quality.sharpness, (side, sharp.quality, blurred.quality)

@@ -29,6 +29,12 @@ B = "faces/identity/scarlett_johansson/deepface__img47.jpg"
 TWO = "faces/identity/matt_damon/deepface__img29.jpg"  # a second person for the two-face image
 TWO_PEOPLE = "faces/multi_face/face_recognition__obama_and_biden.jpg"
 TURNED = "faces/head_pose/insightface__pose_left_face.jpeg"
+# Exam-webcam frames of a candidate looking down and away (OEP subject 1, labelled "angle"): a face is found, but
+# no landmarks (520 s) or only a weak detection (471 s).
+UNVERIFIABLE = {
+    "faces/webcam_oep/oep_subject1_00520s.jpg": "no_landmarks",
+    "faces/webcam_oep/oep_subject1_00471s.jpg": "low_confidence",
+}
 
 
 def jpeg(rgb: np.ndarray, long_side: int = 800) -> bytes:
@@ -170,6 +176,20 @@ def test_verify_refuses_no_face_several_faces_and_unknown_candidates(srv: LiveSe
     assert many.status_code == 422 and codes(many.json()["images"][0]) == {"multiple_faces"}
     assert unknown.status_code == 404 and "nobody has no enrollment" in unknown.json()["error"]
     assert garbage.status_code == 422 and codes(garbage.json()["images"][0]) == {"invalid_image"}
+
+
+def test_verify_refuses_faces_it_cannot_verify_instead_of_scoring_them(srv: LiveServer) -> None:
+    with srv.http(SYSTEM_KEY) as c:
+        r = c.post("/api/v1/enroll", json={"candidate_id": "erin", "image_base64": photo(A[0])})
+        assert r.status_code == 200, r.text
+        for rel, reason in UNVERIFIABLE.items():
+            out = c.post("/api/v1/verify", json={"candidate_id": "erin", "image_base64": photo(rel)})
+            assert out.status_code == 422, out.text
+            body = out.json()
+            assert body["error"] == "the face cannot be verified" and codes(body["images"][0]) == {reason}, body
+            assert "similarity_score" not in body and "match" not in body  # refused: no score to misread
+    refused = [a["result"] for a in srv.app.state.identity.audit_entries("erin") if a["action"] == "verify"]
+    assert [r["refused"] for r in refused] == [[r] for r in UNVERIFIABLE.values()]
 
 
 def test_checks_at_the_door(srv: LiveServer) -> None:

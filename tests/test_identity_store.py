@@ -36,7 +36,7 @@ from livekit_proctor.db import (
     make_sessionmaker,
 )
 from livekit_proctor.dispatcher.retention import purge
-from livekit_proctor.identity_store import EmbeddingIn, IdentityStore, rotate
+from livekit_proctor.identity_store import EmbeddingIn, IdentityStore, SystemActor, rotate
 from livekit_proctor.settings import Settings
 from tests.test_postgres import pg_url  # noqa: F401  (the fixture: one PostgreSQL server for this module)
 
@@ -345,3 +345,37 @@ def test_concurrent_first_enrollments_of_one_candidate_leave_one(sm: sessionmake
         assert len(db.scalars(select(EnrollmentRow)).all()) == 1 and len(db.scalars(select(EmbeddingRow)).all()) == 3
     actions = sorted(a["action"] for a in store.audit_entries("cand-1"))
     assert actions == ["enroll", "re-enroll", "re-enroll", "re-enroll"]
+
+
+def test_listeners_hear_each_committed_change_and_ids_are_read_without_keys(sm: sessionmaker) -> None:
+    # What lets live sessions of this analyzer reload an enrollment at once (SessionManager), and the cheap
+    # re-check by which those of another analyzer see it.
+    store = IdentityStore(sm, KeyRing.of(K1))
+    heard: list[str] = []
+    store.enrollment_listeners.append(lambda cid: 1 / 0)  # a failing listener is logged; the change stands
+    store.enrollment_listeners.append(heard.append)
+    store.replace_enrollment("cand-1", None, images(vectors(3, seed=1)), ADMIN)
+    again = store.replace_enrollment("cand-1", None, images(vectors(3, seed=2)), ADMIN)
+    other = store.replace_enrollment("cand-2", None, images(vectors(3, seed=3)), ADMIN)
+    elsewhere = IdentityStore(sm, KeyRing.of(K2))  # another key: ids need no decryption
+    assert elsewhere.enrollment_ids(["cand-1", "cand-2", "nobody"]) == {
+        "cand-1": again.enrollment_id,
+        "cand-2": other.enrollment_id,
+    }
+    assert store.delete_enrollment("cand-1", ADMIN) is not None
+    assert store.delete_enrollment("cand-1", ADMIN) is None  # nothing changed: nobody is told
+    store.delete_candidate("cand-2", ADMIN)
+    store.delete_candidate("nobody", ADMIN)
+    assert heard == ["cand-1", "cand-1", "cand-2", "cand-1", "cand-2"]
+    assert elsewhere.enrollment_ids(["cand-1", "cand-2"]) == {}
+
+
+def test_the_sessions_audit_actions_fit_the_audit_table(sm: sessionmaker) -> None:
+    store = IdentityStore(sm, KeyRing.of(K1))
+    analyzer = SystemActor(key_id=f"analyzer:{'n' * 80}"[:64])  # as SessionManager builds it
+    actions = ["first-check", "mismatch-started", "mismatch-ended", "reload", "session-summary"]
+    for action in actions:
+        store.record(action, "cand-1", analyzer, {"exam_session_id": "s-1"})
+    assert [(a["action"], a["role"]) for a in store.audit_entries("cand-1")] == [(a, "system") for a in actions]
+    with pytest.raises(ValueError, match="unknown identity audit action"):
+        store.record("every-check", "cand-1", analyzer, {})

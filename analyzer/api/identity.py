@@ -3,9 +3,11 @@
 
 Every image is checked at the door before anything decodes it (base64 and byte size, JPEG / PNG header,
 dimensions), then in the inference pool (never on the event loop): exactly one face, at least MIN_FACE_PX,
-sharp (Laplacian variance on the face >= MIN_SHARPNESS), lit (mean grey 40-220), facing the camera (|yaw| and
-|pitch| <= MAX_POSE_DEG from the face mesh). The best SELECTED accepted images form the template (their mean
-embedding); all accepted embeddings are kept (encrypted, IdentityStore). docs/identity.md.
+detected with a confidence that allows verification, sharp (Laplacian variance on the face resized to 112 px
+>= MIN_SHARPNESS), lit (mean grey 40-220), facing the camera (|yaw| and |pitch| <= MAX_POSE_DEG from the face
+mesh). The best SELECTED accepted images form the template (their mean embedding); all accepted embeddings are
+kept (encrypted, IdentityStore). /verify scores faces that pass faceembed.verification_problem, with
+faceembed.match_score. docs/identity.md.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ RECOMMENDATIONS = {
     "too_bright": "Less light: avoid a bright light or window behind or straight at the camera",
     "pose": "Look straight at the camera",
     "no_landmarks": "Face the camera with nothing covering your face",
+    "low_confidence": "Face the camera in even light with nothing covering your face",
 }
 
 
@@ -139,6 +142,14 @@ def quality_reasons(q: faceembed.FaceQuality) -> list[Reason]:
         out.append(_reason("too_dark", f"face brightness {q.brightness:.0f}; at least {MIN_BRIGHTNESS:.0f} needed"))
     elif q.brightness > MAX_BRIGHTNESS:
         out.append(_reason("too_bright", f"face brightness {q.brightness:.0f}; at most {MAX_BRIGHTNESS:.0f} allowed"))
+    if q.detector_score < faceembed.VERIFY_MIN_DETECTOR_SCORE:  # it could not be verified against either
+        out.append(
+            _reason(
+                "low_confidence",
+                f"the face was detected with confidence {q.detector_score:.2f}; "
+                f"at least {faceembed.VERIFY_MIN_DETECTOR_SCORE:.2f} needed",
+            )
+        )
     if q.pose is None:
         out.append(_reason("no_landmarks", "the face's landmarks were not found, so its pose is unknown"))
     elif max(abs(q.pose.yaw), abs(q.pose.pitch)) > MAX_POSE_DEG:
@@ -509,13 +520,19 @@ async def verified(
         return rejected("the image cannot be verified", [checked.check])
     face = checked.face
     q = face.quality
-    # The mean of the similarities to each selected embedding: each is a single-pair score, the kind
-    # MATCH_THRESHOLD was chosen for. Against the (renormalised) mean template impostors score higher
-    # (shared photos: impostor max 0.65 vs 0.59 with three enrolled images), so the template is not used here.
+    problem = faceembed.verification_problem(face)
+    if problem is not None:  # scored, such a face would be a coin toss (faceembed.VERIFY_MIN_DETECTOR_SCORE)
+        check = checked.check.model_copy(update={"accepted": False, "reasons": [_reason(*problem)]})
+        await asyncio.to_thread(store.record, "verify", candidate_id, who, {"refused": [problem[0]], **extra})
+        return rejected("the face cannot be verified", [check])
+    # faceembed.match_score: the mean similarity to each selected embedding, the score continuous verification
+    # uses too. Against the (renormalised) mean template impostors score higher (shared photos: impostor max
+    # 0.65 vs 0.59 with three enrolled images), so the template is only the fallback of an enrollment without
+    # stored vectors.
     vectors = [e.vector for e in enr.selected if e.vector is not None]
     if not vectors and enr.template is not None:
         vectors = [enr.template]
-    score = round(float(np.mean([faceembed.similarity(face.embedding, v) for v in vectors])), 4)
+    score = round(faceembed.match_score(vectors, face.embedding)[0], 4)
     threshold = faceembed.MATCH_THRESHOLD
     match = score >= threshold
     now = datetime.now(UTC)

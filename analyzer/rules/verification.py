@@ -8,14 +8,15 @@ On each frame where it ran, `Verifier.observe` makes at most one check:
   face (the first check, or it left the picture) the face that is most similar to the enrollment, so a second
   person in view is never checked instead of the candidate (MULTIPLE_FACES covers them), and a larger face
   nearer the camera is not taken for the candidate;
-* low quality (FaceQuality.score below `face_verification_min_quality`: small, blurred, dark, turned away):
-  the check is skipped, neither a mismatch nor a match;
-* similarity: the best (max) cosine similarity over the enrollment's selected embeddings (all of them when
-  none is marked selected, the mean template when no vector is there). models/faceres/README.md measured
-  "best of 3" against the mean template on webcam frames: AUC 1.000 / EER 0% vs 0.9995 / 2.4%, and at the
-  MATCH_THRESHOLD 0.58 no genuine probe fell below the best-of-3 score (FRR 0%, FAR 8.2%). A false
-  FACE_MISMATCH accuses a candidate, so the lower false-mismatch side wins; three consecutive checks make a
-  missed impostor check (8.2%) matter little (0.55% for three in a row);
+* not verifiable (faceembed.verification_problem: no face-mesh landmarks, a weak detection) or low quality
+  (FaceQuality.score below `face_verification_min_quality`: small, blurred, dark, turned far away): the check
+  is skipped, neither a mismatch nor a match;
+* similarity: faceembed.match_score, the score the /verify route uses too: the mean cosine similarity over the
+  enrollment's selected embeddings (all of them when none is marked selected, the mean template when no vector
+  is there), against the same MATCH_THRESHOLD. bench/face_verification.py measured it on verifiable webcam
+  faces: one enrolled frame FRR 2.4% / FAR 2.3% per check at 0.60, three enrolled frames 1.7% / 2.4%. A
+  false FACE_MISMATCH accuses a candidate: three consecutive mismatching checks are needed, so one bad check
+  does not raise it;
 * `consecutive`: checks below the threshold in a row; a match resets it, a skipped check does not.
 
 The FACE_MISMATCH rule (catalog.py, built by `mismatch_rule`) starts an incident when `consecutive` reaches
@@ -32,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from livekit_proctor.analyzer.detectors.base import Box
-from livekit_proctor.analyzer.detectors.faceembed import MATCH_THRESHOLD, FaceEmbedding, FaceEmbeddingStage
+from livekit_proctor.analyzer.detectors.faceembed import (
+    MATCH_THRESHOLD,
+    FaceEmbedding,
+    FaceEmbeddingStage,
+    match_score,
+    verification_problem,
+)
 from livekit_proctor.analyzer.fusion import Observation
 from livekit_proctor.analyzer.rules.incident import DurationRule, RuleEvent
 from livekit_proctor.contracts.alerts import IncidentState
@@ -72,11 +79,9 @@ class Reference:
         return cls(ids, vecs)
 
     def best(self, embedding: np.ndarray) -> tuple[float, str]:
-        """(max cosine similarity, the id of the enrolled embedding that gave it)."""
-        e = np.asarray(embedding, np.float32).reshape(-1)
-        sims = self.vectors @ (e / max(float(np.linalg.norm(e)), 1e-12))
-        i = int(np.argmax(sims))
-        return float(sims[i]), self.ids[i]
+        """(match_score against the enrolled embeddings, the id of the most similar one)."""
+        score, i = match_score(self.vectors, embedding)
+        return score, self.ids[i]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +141,12 @@ class Verifier:
             return False
         return not (self.mode == "start" and self.verified_once)
 
-    def enroll(self, reference: Reference | None) -> None:
+    def enroll(self, reference: Reference | None, *, reset: bool = False) -> None:
+        """Compare with `reference` from now on; reset=True (another enrollment, or none) also forgets the checks
+        made against the previous one: the mismatch count, the tracked face and the first match."""
         self.reference = reference
+        if reset:
+            self.consecutive, self.tracked, self.verified_once = 0, None, False
 
     def _pick(self, faces: list[FaceEmbedding]) -> tuple[FaceEmbedding, bool]:
         """The candidate's face among those embedded, and whether it was found by tracking."""
@@ -161,7 +170,7 @@ class Verifier:
         if not faces:
             return None
         face, tracked = self._pick(faces)
-        if face.quality.score < self.min_quality:
+        if verification_problem(face) is not None or face.quality.score < self.min_quality:
             self.skipped += 1
             return None
         sim, eid = self.reference.best(face.embedding)

@@ -1,5 +1,11 @@
 """The runtime of one active session: media in (queues), supervised workers (video, audio, watchdog), rule
-state that survives a restart, and alerts out (emitter.py)."""
+state that survives a restart, and alerts out (emitter.py).
+
+Face verification (a session whose policy verifies; docs/rules.md "Face verification", docs/identity.md): the
+candidate's enrollment is read in a thread at start, again when it changes (SessionManager tells the session:
+at once for a change through this analyzer, within enrollment_recheck_s for one through another), and the
+checks leave an audit trail in the identity audit log (first check, FACE_MISMATCH start and end, reloads, a
+summary at the end), written in a thread, never on the event loop."""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
 from livekit_proctor.analyzer.rules.limits import IncidentLimiter
 from livekit_proctor.analyzer.rules.spoof import stages_off as spoof_stages_off
 from livekit_proctor.analyzer.rules.verification import STAGE as EMBEDDING_STAGE
-from livekit_proctor.analyzer.rules.verification import Reference
+from livekit_proctor.analyzer.rules.verification import Check, Reference
 from livekit_proctor.analyzer.sessions.counters import Counters
 from livekit_proctor.analyzer.sessions.emitter import AlertEmitter
 from livekit_proctor.analyzer.sessions.fanout import Fanout, Subscriber
@@ -24,7 +30,7 @@ from livekit_proctor.analyzer.sessions.frames import FrameBuffer
 from livekit_proctor.analyzer.sessions.media import AudioQueue, Barrier, VideoSlot
 from livekit_proctor.analyzer.sessions.store import aware, saver
 from livekit_proctor.analyzer.sessions.supervisor import Supervisor
-from livekit_proctor.contracts.alerts import EventType
+from livekit_proctor.contracts.alerts import EventType, IncidentState, ts_to_iso
 from livekit_proctor.contracts.api import EffectivePolicy
 from livekit_proctor.contracts.outbox import AlsoWrite
 from livekit_proctor.contracts.wire import (
@@ -67,6 +73,16 @@ class LiveSession:
         self.engine = RuleEngine(self.policy)
         self.limiter = IncidentLimiter(settings.incident_burst, settings.incident_refill_s)
         self.last_frame_at: float | None = None  # wall time of the last frame received
+        # Face verification: the enrollment in use (None: none), whether it was read (here or before a restart),
+        # IDENTITY_UNVERIFIED's reason until the next analysed frame says it, the checks' tally (for the audit).
+        self.enrollment_id: str | None = None
+        self.enrollment_known = False
+        self._unverified: str | None = None
+        self._analysed_ts: float | None = None  # capture time of the latest frame analysed in this process
+        self.face_checks = {"checks": 0, "matches": 0, "mismatches": 0, "reloads": 0}
+        self._enrollment_lock = asyncio.Lock()
+        self._audit_lock = asyncio.Lock()  # records are written one at a time, in the order they were made
+        self._audits: set[asyncio.Task[None]] = set()
         self.restored = self._restore(row.rule_state or {})
         self.sampler = Sampler(self.policy.video_fps)
         self.clock = ModelClock()
@@ -114,10 +130,23 @@ class LiveSession:
         else:
             self.clock.off.add(EMBEDDING_STAGE)
 
-    async def _load_enrollment(self) -> None:
-        """Reads the candidate's enrollment; without one the session says so once (IDENTITY_UNVERIFIED, open
-        until the session ends) and goes on unverified."""
+    def enrollment_changed(self, source: str) -> None:
+        """The candidate's enrollment changed (or may have): read it again (SessionManager calls this)."""
+        if self.state == "active" and self.engine.verifier.wanted:
+            self.workers.spawn(self._load_enrollment(source), "enrollment")
+
+    async def _load_enrollment(self, source: str = "start") -> None:
+        """Reads the candidate's enrollment and verifies against it from now on: at start (and after a restart),
+        and when it changed (source "notified": through this analyzer; "recheck": seen by the periodic
+        re-check). A changed enrollment resets the mismatch count. Without an enrollment the session says so
+        once, IDENTITY_UNVERIFIED at the next analysed frame, and checks nothing; an enrollment arriving ends
+        that incident."""
+        async with self._enrollment_lock:  # a notification and a re-check at once: one after the other
+            await self._read_enrollment(source)
+
+    async def _read_enrollment(self, source: str) -> None:
         ref: Reference | None = None
+        enrollment_id: str | None = None
         store = self.m.identity
         if store is None:
             reason = "no_identity_store"
@@ -126,32 +155,138 @@ class LiveSession:
                 enrollment = await asyncio.to_thread(store.get_enrollment, self.candidate_id)
             except Exception:
                 log.exception("session %s: the candidate's enrollment could not be read", self.id)
+                if source != "start":
+                    return  # keep verifying against what it has; the next re-check tries again
                 reason = "enrollment_unreadable"
+                self.enrollment_known = False
             else:
-                ref = Reference.from_enrollment(enrollment) if enrollment is not None else None
+                if enrollment is not None:
+                    enrollment_id = enrollment.enrollment_id
+                    ref = Reference.from_enrollment(enrollment)
                 reason = "no_enrollment" if enrollment is None else "enrollment_without_embeddings"
         if self.state != "active":
             return  # ended meanwhile (or rebuilt only to end its open incidents): nothing to say
-        now = time.time()
+        readable = reason != "enrollment_unreadable"
+        changed = readable and self.enrollment_known and enrollment_id != self.enrollment_id
+        if source != "start" and not changed:
+            return  # told of a change that this session has already seen
+        # Another enrollment (or none): the earlier checks were against other faces.
+        self.engine.verifier.enroll(ref, reset=changed)
+        if readable:
+            previous, self.enrollment_id, self.enrollment_known = self.enrollment_id, enrollment_id, True
+        if changed:
+            self.face_checks["reloads"] += 1
+            self._audit(
+                "reload",
+                {
+                    "enrollment_id": enrollment_id,
+                    "previous_enrollment_id": previous,
+                    "source": source,
+                    "embeddings": len(ref.ids) if ref is not None else 0,
+                },
+            )
+        self._sync_verification()
         if ref is None:
-            events = self.engine.control(EventType.IDENTITY_UNVERIFIED, True, now, reason)
-        else:
-            self.engine.verifier.enroll(ref)
-            self._sync_verification()
-            # Enrolled since a restart of this session: it is verified from now on.
-            events = self.engine.control(EventType.IDENTITY_UNVERIFIED, False, now, "enrolled")
+            self._unverified = "enrollment_deleted" if changed and enrollment_id is None else reason
+            if source == "start" and self._analysed_ts is not None:
+                # Frames were analysed before the enrollment could be read: the latest one says it.
+                await self.emit(self._say_unverified(self._analysed_ts))
+            return
+        self._unverified = None
+        # Enrolled since the session said it was not (before a restart, or in this one): verified from now on.
+        ts = self.last_media_ts or time.time()
+        events = self.engine.control(EventType.IDENTITY_UNVERIFIED, False, ts, "enrolled")
         if events:
             await self.emit(events)
+
+    def _say_unverified(self, ts: float) -> list[RuleEvent]:
+        """IDENTITY_UNVERIFIED, at the media time of an analysed frame like every alert; once: the control rule's
+        incident stays open (saved across restarts), so saying it again raises nothing."""
+        if self._unverified is None:
+            return []
+        reason, self._unverified = self._unverified, None
+        return self.engine.control(EventType.IDENTITY_UNVERIFIED, True, ts, reason)
+
+    # ---- the identity audit trail of the checks (IdentityStore.record; docs/identity.md)
+
+    def _audit(self, action: str, result: dict[str, Any]) -> None:
+        """Records in a thread, in order; close() waits for the records in flight."""
+        if self.m.identity is None:
+            return
+        task = asyncio.create_task(self._record(action, result))
+        self._audits.add(task)
+        task.add_done_callback(self._audits.discard)
+
+    async def _record(self, action: str, result: dict[str, Any]) -> None:
+        store = self.m.identity
+        assert store is not None
+        async with self._audit_lock:
+            try:
+                entry = {"exam_session_id": self.id, **result}
+                await asyncio.to_thread(store.record, action, self.candidate_id, self.m.auditor, entry)
+            except Exception:  # the session goes on; the log says which record is missing
+                log.exception("session %s: identity audit record %r not written", self.id, action)
+
+    def _audit_check(self, check: Check) -> None:
+        c = self.face_checks
+        c["checks"] += 1
+        c["matches" if check.match else "mismatches"] += 1
+        if c["checks"] == 1:
+            self._audit(
+                "first-check",
+                {
+                    "match": check.match,
+                    "similarity": round(check.similarity, 4),
+                    "threshold": check.threshold,
+                    "frame_quality_score": round(check.quality, 3),
+                    "enrollment_id": self.enrollment_id,
+                    "frame_ts": ts_to_iso(check.ts),
+                },
+            )
+
+    _MISMATCH_EVIDENCE = (
+        "current_similarity", "threshold", "consecutive_mismatches", "frame_quality_score", "enrolled_embedding_id",
+        "trigger_frame_seq", "duration_s", "end_reason",
+    )  # fmt: skip
+
+    def _audit_mismatches(self, events: list[RuleEvent]) -> None:
+        for ev in events:
+            if ev.event_type != EventType.FACE_MISMATCH or ev.state not in (IncidentState.STARTED, IncidentState.ENDED):
+                continue
+            action = "mismatch-started" if ev.state is IncidentState.STARTED else "mismatch-ended"
+            detail = {k: ev.evidence[k] for k in self._MISMATCH_EVIDENCE if k in ev.evidence}
+            self._audit(
+                action,
+                {"incident_id": ev.incident_id, "frame_ts": ts_to_iso(ev.ts), "enrollment_id": self.enrollment_id}
+                | detail,
+            )
+
+    async def _audit_summary(self, reason: str) -> None:
+        if not self.engine.verifier.wanted or self.m.identity is None:
+            return
+        if self._audits:
+            await asyncio.wait(set(self._audits), timeout=10)
+        summary = {
+            **self.face_checks,
+            "skipped_quality": self.engine.verifier.skipped,
+            "enrollment_id": self.enrollment_id,
+            "end_reason": reason,
+        }
+        await self._record("session-summary", summary)
 
     # ---- state that survives a restart (SessionRow.rule_state; docs/operations.md "Restarts")
 
     def state_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "engine": self.engine.snapshot(),
             "limiter": self.limiter.snapshot(),
             "open": self.engine.open_incidents(),
             "last_frame_at": self.last_frame_at,
         }
+        if self.engine.verifier.wanted:  # SessionManager.end rebuilds a session with these to audit its end
+            d["enrollment"] = {"id": self.enrollment_id, "known": self.enrollment_known}
+            d["face_checks"] = dict(self.face_checks)
+        return d
 
     def _restore(self, d: dict[str, Any]) -> bool:
         if not d:
@@ -164,6 +299,9 @@ class LiveSession:
             self.engine = RuleEngine(self.policy)
             self.limiter = IncidentLimiter(self.m.settings.incident_burst, self.m.settings.incident_refill_s)
             return False
+        enrollment = d.get("enrollment") or {}
+        self.enrollment_id, self.enrollment_known = enrollment.get("id"), bool(enrollment.get("known"))
+        self.face_checks.update({k: int(v) for k, v in (d.get("face_checks") or {}).items() if k in self.face_checks})
         if d.get("last_frame_at") is not None:
             # Frames had been coming: they are due again now, or CAMERA_OFF follows (the outage is not counted).
             self.last_frame_at = time.time()
@@ -256,6 +394,8 @@ class LiveSession:
         await self.barrier.wait()
         if bg:
             await asyncio.wait(bg)
+        if self._audits:  # and the identity audit records they made
+            await asyncio.wait(set(self._audits))
 
     # ---- workers
 
@@ -316,9 +456,12 @@ class LiveSession:
             self.m.metrics.inference_latency.labels(model).observe(ms / 1000)
         with observability.rules_span():
             events = self.engine.observe(sig)
-        if self.engine.last_check is not None:
+        self._analysed_ts = msg.capture_ts
+        events += self._say_unverified(msg.capture_ts)  # the session's first analysed frame (or after a deletion)
+        if (check := self.engine.last_check) is not None:
             self.last_verification_at = datetime.now(UTC)
             self._sync_verification()  # mode "start": no more checks after the first match
+            self._audit_check(check)
         await self.emit(events)
         self.m.metrics.frame_to_signal.observe(time.perf_counter() - arrived)
 
@@ -335,6 +478,7 @@ class LiveSession:
     # ---- out
 
     async def emit(self, events: list[RuleEvent]) -> None:
+        self._audit_mismatches(events)
         await self.emitter.emit(events)
 
     def broadcast(self, msg: ServerMessage, droppable: bool = False, media_only: bool = False) -> None:
@@ -379,6 +523,7 @@ class LiveSession:
         self.state = "ended"
         self.recent.clear()
         await self.emit(self.engine.close_all(ts, reason))
+        await self._audit_summary(reason)  # before a privacy deletion that follows the end removes the audit
         await self.workers.stop()
         self.barrier.close()  # nothing more will be analysed: release waiting pings
         self.broadcast(SessionEndedMessage(reason=reason))
@@ -388,6 +533,9 @@ class LiveSession:
         self.workers.cancel()
 
     async def flushed(self) -> None:
-        """Returns once an outbox append in progress has finished (shutdown saves the state after it)."""
+        """Returns once an outbox append in progress, and the identity audit records made, have been written
+        (shutdown saves the state after them)."""
         async with self.emitter.lock:
             pass
+        if self._audits:
+            await asyncio.wait(set(self._audits))

@@ -28,7 +28,7 @@ from livekit_proctor.contracts.api import EffectivePolicy, FaceVerification, Ses
 from livekit_proctor.contracts.outbox import AlertSink
 from livekit_proctor.contracts.wire import CloseCode
 from livekit_proctor.db import SessionRow, utcnow
-from livekit_proctor.identity_store import IdentityStore
+from livekit_proctor.identity_store import IdentityStore, SystemActor
 
 log = logging.getLogger(__package__)  # livekit_proctor.analyzer.sessions, as docs/operations.md shows
 
@@ -56,6 +56,8 @@ class SessionManager:
     ) -> None:
         self.settings = settings
         self.identity = identity  # enrollments (face verification); None in tests that need none
+        # Who the sessions' face checks are in the identity audit log as (IdentityAuditRow.key_id: 64 chars).
+        self.auditor = SystemActor(key_id=f"analyzer:{settings.node_id}"[:64])
         self.sm = sm
         self.store = SessionStore(sm)
         self.models = models
@@ -132,8 +134,11 @@ class SessionManager:
         self.metrics.active_sessions.set(len(self.live))
         if live is None:
             row = await self.store.get(sid)
-            if row is not None and row.state == "active" and (row.rule_state or {}).get("open"):
-                live = LiveSession(row, self)  # rebuilt only to end its saved open incidents with their alerts
+            saved = (row.rule_state or {}) if row is not None else {}
+            if row is not None and row.state == "active" and (saved.get("open") or saved.get("face_checks")):
+                # Rebuilt only to end its saved open incidents with their alerts, and to write the summary of
+                # its face checks in the identity audit log.
+                live = LiveSession(row, self)
         if live is not None:
             await live.close(reason)  # its last messages tell connected clients; their senders then close
             for _ in range(50):
@@ -145,6 +150,38 @@ class SessionManager:
                     await live.connection.close(code=int(CloseCode.SESSION_ENDED), reason=f"session {state}")
         last = (live.counters.to_json(), live.state_json()) if live is not None else None
         return await self.store.finish(sid, state, actor, reason, last)
+
+    # ---- enrollments changing under live sessions (face verification)
+
+    def on_enrollment_changed(self, candidate_id: str) -> None:
+        """A candidate's enrollment changed through this analyzer (the composition root hands IdentityStore's
+        enrollment_listeners on to here, on the event loop): their live sessions read it again now."""
+        for live in list(self.live.values()):
+            if live.candidate_id == candidate_id:
+                live.enrollment_changed("notified")
+
+    async def watch_enrollments(self) -> None:
+        """Every enrollment_recheck_s: one query (in a thread) for the enrollment ids of the candidates that live
+        sessions verify; a session whose id changed (a re-enrollment or deletion through another analyzer
+        sharing the database) reads it again. 0 turns it off."""
+        last = time.monotonic()
+        while True:
+            every = self.settings.enrollment_recheck_s
+            await asyncio.sleep(min(1.0, every) if every > 0 else 1.0)  # a changed setting applies within 1 s
+            if every <= 0 or self.identity is None or time.monotonic() - last < every:
+                continue
+            last = time.monotonic()
+            verifying = [s for s in self.live.values() if s.engine.verifier.wanted and s.state == "active"]
+            if not verifying:
+                continue
+            try:
+                ids = await asyncio.to_thread(self.identity.enrollment_ids, sorted({s.candidate_id for s in verifying}))
+            except Exception:
+                log.exception("enrollment re-check failed")
+                continue
+            for live in verifying:
+                if not live.enrollment_known or ids.get(live.candidate_id) != live.enrollment_id:
+                    live.enrollment_changed("recheck")
 
     async def _expire(self, sid: str) -> None:
         with contextlib.suppress(SessionNotFound):

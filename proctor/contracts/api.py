@@ -75,7 +75,7 @@ class VerificationPolicy(BaseModel):
     none (the default: no checks, nothing said about identity); start (checks until the first match); periodic
     or continuous (a check every interval_s of analysed video all session long; the two are the same today). A
     verifying session whose candidate has no enrollment raises IDENTITY_UNVERIFIED once. threshold: cosine
-    similarity below which a check is a mismatch (default: the model's MATCH_THRESHOLD, 0.58)."""
+    similarity below which a check is a mismatch (default: the model's MATCH_THRESHOLD, 0.60)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 

@@ -42,6 +42,7 @@ ReasonCode = Literal[
     "too_bright",
     "pose",
     "no_landmarks",
+    "low_confidence",
 ]
 
 
@@ -115,7 +116,9 @@ class ImageCheck(BaseModel):
     faces: int = Field(default=0, description="Faces found")
     face_bbox: list[float] | None = Field(default=None, description="[x, y, w, h] in pixels of the largest face")
     face_px: float | None = None
-    sharpness: float | None = Field(default=None, description="Laplacian variance on the face (>= 100 needed)")
+    sharpness: float | None = Field(
+        default=None, description="Laplacian variance on the face resized to 112 px (>= 100 needed)"
+    )
     brightness: float | None = Field(default=None, description="Mean grey level of the face (40-220 needed)")
     pose_angles: PoseAngles | None = None
 
@@ -193,7 +196,7 @@ class VerifyRequest(BaseModel):
 
 
 class FaceQualityOut(BaseModel):
-    sharpness: float = Field(description="Laplacian variance on the face")
+    sharpness: float = Field(description="Laplacian variance on the face resized to 112 x 112 px")
     pose_deviation: float | None = Field(description="Largest of |yaw|, |pitch| in degrees; null without landmarks")
     lighting_quality: float = Field(description="1 when the face's mean grey level is 60-200, falling to 0 at 0/255")
     brightness: float
