@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from livekit_proctor.analyzer.fusion import Observation
 from livekit_proctor.analyzer.rules.incident import DistractionRule, DurationRule
+from livekit_proctor.analyzer.rules.spoof import FEATURE as SPOOF_FEATURE
 from livekit_proctor.analyzer.rules.spoof import THRESHOLDS as SPOOF_THRESHOLDS
 from livekit_proctor.analyzer.rules.spoof import spoof_rule
 from livekit_proctor.analyzer.rules.verification import DEFAULT_MIN_QUALITY, mismatch_rule
@@ -183,7 +184,7 @@ BUILTIN: tuple[RuleSpec, ...] = (
         thresholds={"face_verification_min_quality": DEFAULT_MIN_QUALITY}, build=mismatch_rule,
     ),
     RuleSpec(  # a labelled heuristic, opt-in (spoof.py): a face that stays still for 10 s while the scene moves
-        E.SPOOF_SUSPECTED, "presentation_attack", 10.0, 2.0, cooldown_s=10.0, severity=0.5, risk_weight=10,
+        E.SPOOF_SUSPECTED, SPOOF_FEATURE, 10.0, 2.0, cooldown_s=10.0, severity=0.5, risk_weight=10,
         measure_name="still_s", thresholds=SPOOF_THRESHOLDS, build=spoof_rule,
     ),
     RuleSpec(  # more than distraction_count off-screen episodes within distraction_window_s

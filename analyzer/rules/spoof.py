@@ -16,8 +16,9 @@ runs the model-free still-face check. The feature `antispoof_model` adds the two
   largest face) over the last MODEL_WINDOW_S, at least MODEL_MIN_SCORES of them, both below `spoof_model_score`.
 
 Measured (bench/antispoof.py; models/antispoof/README.md and docs/rules.md have the figures): no false alarm on
-the shared real videos and OEP frames, one synthetic attack caught, and no real attack data at all. A heuristic,
-weighed lightly in the risk score and never strong evidence; the candidate is told nothing.
+the shared real videos and OEP frames, two synthetic attacks caught (by still_face; the model method caught
+neither), and no real attack data at all. A heuristic, weighed lightly in the risk score and never strong
+evidence; the candidate is told nothing.
 """
 
 from __future__ import annotations
