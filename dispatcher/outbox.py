@@ -3,22 +3,26 @@
 The embedded outbox keeps every alert in the relational store (table `outbox`, read in seq order by the
 dispatcher) and appends it to a JSONL file for operators and quick tests; the Redis outbox appends to a
 Redis Stream that dispatchers share. The composition root (livekit_proctor.wiring) picks one.
+
+Both remove a candidate's alerts on a privacy deletion (delete_sessions); the JSONL file is the privacy
+route's (wiring.AlertsJsonl).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import CursorResult, delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from livekit_proctor.contracts.alerts import Alert
 from livekit_proctor.contracts.outbox import AlsoWrite
-from livekit_proctor.db import OutboxRow
+from livekit_proctor.db import CursorRow, OutboxRow
 from livekit_proctor.dispatcher import jsonl
 
 
@@ -67,6 +71,19 @@ class SqlOutbox:
             self.last_error = f"{type(e).__name__}: {e}"
             raise
 
+    async def delete_sessions(self, session_ids: Sequence[str]) -> dict[str, int]:
+        """The sessions' rows, delivered or not: {"outbox": rows deleted, "outbox_redacted": rows emptied}."""
+        sids = list(dict.fromkeys(session_ids))
+        if not sids:
+            return {"outbox": 0, "outbox_redacted": 0}
+
+        def run() -> tuple[int, int]:
+            with self._sm.begin() as db:
+                return _delete_rows(db, sids)
+
+        gone, redacted = await asyncio.to_thread(run)
+        return {"outbox": gone, "outbox_redacted": redacted}
+
     def pending(self) -> int:
         with self._sm() as db:
             return db.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.delivered_at.is_(None))) or 0
@@ -79,6 +96,23 @@ class SqlOutbox:
             "ok": self.last_error is None,
             "last_error": self.last_error,
         }
+
+
+def _delete_rows(db: Session, sids: list[str]) -> tuple[int, int]:
+    """Deletes the sessions' outbox rows; (rows deleted, rows emptied in place)."""
+    top = db.scalar(select(func.max(OutboxRow.seq)))
+    newest = db.get(OutboxRow, top) if top is not None else None
+    redacted = 0
+    if newest is not None and newest.exam_session_id in sids:
+        delivered = db.scalar(select(func.min(CursorRow.last_seq)))
+        if delivered is not None and delivered >= newest.seq:
+            # SQLite hands the newest seq out again once its row is gone, below the lanes' cursors, and
+            # the next alert would never be sent: keep the row, without the candidate's data.
+            newest.payload = json.dumps({"redacted": "privacy deletion"})
+            newest.exam_session_id = "redacted"
+            redacted = 1
+    res = cast("CursorResult[Any]", db.execute(delete(OutboxRow).where(OutboxRow.exam_session_id.in_(sids))))
+    return res.rowcount, redacted
 
 
 class RedisOutbox:
@@ -130,6 +164,30 @@ class RedisOutbox:
         if self._jsonl is not None and payloads:
             await asyncio.to_thread(jsonl.append, self._jsonl, payloads)
 
+    async def delete_sessions(self, session_ids: Sequence[str], page: int = 500) -> dict[str, int]:
+        """XDELs the sessions' entries, delivered or not, and XACKs them in every consumer group in the same
+        MULTI, so that no dispatcher reads, claims or re-delivers them afterwards. A dispatcher that read one
+        before may still send it once (it is in its hands); its later XACK is a no-op.
+        {"outbox": entries deleted, "outbox_pending": (lane, entry) pairs read but not yet acknowledged}."""
+        sids = {s.encode() for s in session_ids}
+        ids: list[bytes] = []
+        start = "-"
+        while sids:  # the stream is not indexed by session: one pass over it, a page at a time
+            entries = await self.r.xrange(self.stream, min=start, max="+", count=page)
+            ids += [_b(eid) for eid, f in entries if _session_of(f) in sids]
+            if len(entries) < page:
+                break
+            start = "(" + _b(entries[-1][0]).decode()
+        if not ids:
+            return {"outbox": 0, "outbox_pending": 0}
+        groups = [_b(g["name"]) for g in await self.r.xinfo_groups(self.stream)]
+        async with self.r.pipeline(transaction=True) as pipe:
+            for g in groups:
+                pipe.xack(self.stream, g, *ids)
+            pipe.xdel(self.stream, *ids)
+            res = await pipe.execute()
+        return {"outbox": int(res[-1]), "outbox_pending": sum(int(n) for n in res[:-1])}
+
     def _commit(self, also: AlsoWrite) -> None:
         assert self._sm is not None
         with self._sm.begin() as db:
@@ -138,3 +196,13 @@ class RedisOutbox:
     def state(self) -> dict[str, object]:
         return {"kind": "redis_stream", "stream": self.stream, "appended": self.appended,
                 "ok": self.last_error is None, "last_error": self.last_error}  # fmt: skip
+
+
+def _b(v: Any) -> bytes:
+    return v if isinstance(v, bytes) else str(v).encode()
+
+
+def _session_of(fields: dict[Any, Any]) -> bytes | None:
+    """An entry's exam_session_id, whether the client decodes responses or not."""
+    v = fields.get(b"exam_session_id", fields.get("exam_session_id"))
+    return None if v is None else _b(v)

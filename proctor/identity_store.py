@@ -7,7 +7,8 @@ What the enrollment, verification and privacy routes call; synchronous like the 
 - replace_enrollment: a candidate has one enrollment; enrolling again replaces it (embeddings and template)
   and records "re-enroll" in the identity audit log.
 - delete_candidate: everything held about a candidate in the database (see DeleteReport); the audit log keeps
-  only the deletion record. Files and in-memory state (alerts.jsonl lines, frame buffers) are the caller's.
+  only the deletion record. The outbox (SQL table or Redis Stream: AlertSink.delete_sessions), files and
+  in-memory state (alerts.jsonl lines, frame buffers) are the caller's: the privacy route's.
 - export_candidate: everything held, as JSON-ready dicts. Embedding vectors are left out unless asked for
   (include_vectors=True): they are derived biometric data nobody can read, and an export file is copied around;
   their metadata (ids, quality, box, pose, selection, key id) is always in.
@@ -27,16 +28,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
-from sqlalchemy import CursorResult, delete, func, or_, select, text, update
+from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from livekit_proctor.crypto import KeyRing
 from livekit_proctor.db import (
     AuditRow,
-    CursorRow,
     DeadLetterRow,
     EmbeddingRow,
     EnrollmentRow,
@@ -142,9 +142,7 @@ class DeleteReport:
     embeddings: int = 0
     identity_audit: int = 0
     sessions: int = 0
-    session_ids: list[str] = field(default_factory=list)  # for the caller's files and caches
-    outbox: int = 0
-    outbox_redacted: int = 0  # the newest outbox row, delivered: emptied in place instead (its seq must stay)
+    session_ids: list[str] = field(default_factory=list)  # for the caller's outbox, files and caches
     dead_letters: int = 0
     audit: int = 0
 
@@ -422,8 +420,16 @@ class IdentityStore:
                 ids.add(target)
         return sorted(ids)
 
-    def delete_candidate(self, candidate_id: str, who: Actor) -> DeleteReport:
-        """Deletes everything the database holds about a candidate; returns what went (and the session ids)."""
+    def session_ids(self, candidate_id: str) -> list[str]:
+        """The candidate's sessions: rows still held, and sessions whose start the audit log still records."""
+        with self.sm() as db:
+            return self._session_ids(db, candidate_id)
+
+    def delete_candidate(
+        self, candidate_id: str, who: Actor, also_deleted: dict[str, int] | None = None
+    ) -> DeleteReport:
+        """Deletes everything the database holds about a candidate; returns what went (and the session ids).
+        also_deleted: what the caller removed elsewhere first (the outbox), for the deletion's audit record."""
         rep = DeleteReport()
         with self.sm.begin() as db:
             _lock_candidate(db, candidate_id)
@@ -438,35 +444,16 @@ class IdentityStore:
             ).rowcount
             if sids:
                 rep.sessions = db.execute(delete(SessionRow).where(SessionRow.id.in_(sids))).rowcount
-                rep.outbox, rep.outbox_redacted = self._delete_outbox(db, sids)
                 rep.dead_letters = db.execute(
                     delete(DeadLetterRow).where(DeadLetterRow.exam_session_id.in_(sids))
                 ).rowcount
             rep.audit = db.execute(
                 delete(AuditRow).where(or_(AuditRow.target == candidate_id, AuditRow.target.in_(sids)))
             ).rowcount
-            self._audit(db, "delete", candidate_id, who, {"deleted": rep.counts()})
+            self._audit(db, "delete", candidate_id, who, {"deleted": (also_deleted or {}) | rep.counts()})
         if rep.enrollments:
             self._changed(candidate_id)
         return rep
-
-    @staticmethod
-    def _delete_outbox(db: Session, sids: list[str]) -> tuple[int, int]:
-        """The sessions' alerts (thumbnails in them), delivered or not; (rows deleted, rows emptied)."""
-        top = db.scalar(select(func.max(OutboxRow.seq)))
-        newest = db.get(OutboxRow, top) if top is not None else None
-        redacted = 0
-        if newest is not None and newest.exam_session_id in sids:
-            delivered = db.scalar(select(func.min(CursorRow.last_seq)))
-            if delivered is not None and delivered >= newest.seq:
-                # SQLite hands the newest seq out again once its row is gone, below the lanes' cursors, and
-                # the next alert would never be sent: keep the row, without the candidate's data.
-                newest.payload = json.dumps({"redacted": "privacy deletion"})
-                newest.exam_session_id = "redacted"
-                redacted = 1
-        res = cast("CursorResult[Any]", db.execute(delete(OutboxRow).where(OutboxRow.exam_session_id.in_(sids))))
-        gone = res.rowcount
-        return gone, redacted
 
     def export_candidate(self, candidate_id: str, who: Actor, *, include_vectors: bool = False) -> dict[str, Any]:
         """Everything held about the candidate as JSON-ready dicts (see the module docstring on vectors)."""

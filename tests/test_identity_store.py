@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -35,8 +36,9 @@ from livekit_proctor.db import (
     make_engine,
     make_sessionmaker,
 )
+from livekit_proctor.dispatcher.outbox import SqlOutbox
 from livekit_proctor.dispatcher.retention import purge
-from livekit_proctor.identity_store import EmbeddingIn, IdentityStore, SystemActor, rotate
+from livekit_proctor.identity_store import DeleteReport, EmbeddingIn, IdentityStore, SystemActor, rotate
 from livekit_proctor.settings import Settings
 from tests.test_postgres import pg_url  # noqa: F401  (the fixture: one PostgreSQL server for this module)
 
@@ -219,6 +221,12 @@ def _candidate_data(sm: sessionmaker, cid: str, sid: str, ended_at: datetime | N
                              attempts=3, error="500"))  # fmt: skip
 
 
+def _delete(store: IdentityStore, sm: sessionmaker, cid: str) -> tuple[DeleteReport, dict[str, int]]:
+    """As the privacy route does it: the candidate's alerts in the (SQL) outbox first, then the database."""
+    outbox = asyncio.run(SqlOutbox(sm, None).delete_sessions(store.session_ids(cid)))
+    return store.delete_candidate(cid, ADMIN, outbox), outbox
+
+
 def test_delete_leaves_nothing_about_the_candidate_but_the_deletion_record(sm: sessionmaker) -> None:
     store = IdentityStore(sm, KeyRing.of(K1))
     for cid, sid in (("cand-1", "sess-1"), ("cand-2", "sess-2")):
@@ -232,10 +240,11 @@ def test_delete_leaves_nothing_about_the_candidate_but_the_deletion_record(sm: s
                          payload=_alert("sess-old"), created_at=1.0))  # fmt: skip
         db.add(OutboxRow(event_id=str(uuid.uuid4()), exam_session_id="sess-2", event_type="FACE_MISSING",
                          payload=_alert("sess-2"), created_at=1.0))  # the newest row: another candidate's
-    rep = store.delete_candidate("cand-1", ADMIN)
+    rep, outbox = _delete(store, sm, "cand-1")
     assert rep.session_ids == ["sess-1", "sess-old"]
-    assert (rep.enrollments, rep.embeddings, rep.identity_audit, rep.sessions, rep.outbox, rep.dead_letters,
-            rep.audit) == (1, 3, 2, 1, 3, 1, 2)  # fmt: skip
+    assert outbox == {"outbox": 3, "outbox_redacted": 0}
+    assert (rep.enrollments, rep.embeddings, rep.identity_audit, rep.sessions, rep.dead_letters,
+            rep.audit) == (1, 3, 2, 1, 1, 2)  # fmt: skip
     with sm() as db:
         for model, col, ids in ((EnrollmentRow, EnrollmentRow.candidate_id, ["cand-1"]),
                                 (EmbeddingRow, EmbeddingRow.candidate_id, ["cand-1"]),
@@ -246,7 +255,7 @@ def test_delete_leaves_nothing_about_the_candidate_but_the_deletion_record(sm: s
             assert db.scalars(select(model).where(col.in_(ids))).all() == [], model.__tablename__
         left = db.scalars(select(IdentityAuditRow).where(IdentityAuditRow.candidate_id == "cand-1")).all()
         assert [(a.action, a.role) for a in left] == [("delete", "admin")]
-        assert left[0].result["deleted"]["embeddings"] == 3
+        assert left[0].result["deleted"]["embeddings"] == 3 and left[0].result["deleted"]["outbox"] == 3
         assert "aGVsbG8" not in json.dumps(left[0].result)
         # The other candidate keeps everything.
         assert len(db.scalars(select(EmbeddingRow).where(EmbeddingRow.candidate_id == "cand-2")).all()) == 3
@@ -263,8 +272,8 @@ def test_delete_keeps_the_newest_outbox_row_in_place_when_every_lane_delivered_i
     with sm.begin() as db:
         top = db.scalar(select(OutboxRow.seq).order_by(OutboxRow.seq.desc()).limit(1))
         db.add(CursorRow(lane="grpc", last_seq=top, updated_at=1.0))
-    rep = store.delete_candidate("cand-1", ADMIN)
-    assert (rep.outbox, rep.outbox_redacted) == (1, 1)
+    _, outbox = _delete(store, sm, "cand-1")
+    assert outbox == {"outbox": 1, "outbox_redacted": 1}
     with sm() as db:
         kept = db.scalars(select(OutboxRow)).all()
         assert [(o.seq, o.exam_session_id, json.loads(o.payload)) for o in kept] == [

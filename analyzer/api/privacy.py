@@ -1,9 +1,12 @@
 """/api/v1/privacy/...: export and delete everything held about a candidate (docs/identity.md).
 
-The database part is IdentityStore's (enrollment, embeddings, identity audit, sessions, outbox rows and their
-thumbnails, dead letters, session audit). Data kept elsewhere (alerts.jsonl) is reached through the
-CandidateData hooks the composition root puts on app.state.host.candidate_data. Before a deletion the
-candidate's live sessions are ended, so that nothing writes about them while their data goes.
+The database part is IdentityStore's (enrollment, embeddings, identity audit, sessions, dead letters, session
+audit). The alerts waiting in (or kept by) the outbox, thumbnails inside, are the outbox's own to remove
+(AlertSink.delete_sessions: SQL table or Redis Stream, whichever is configured). Data kept elsewhere
+(alerts.jsonl) is reached through the CandidateData hooks the composition root puts on
+app.state.host.candidate_data. Before a deletion the candidate's live sessions are ended, so that nothing writes
+about them while their data goes; a session live on another analyzer node ends there at that node's next
+housekeeping sweep, which finds its row gone (docs/identity.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from livekit_proctor.analyzer.api.errors import AUTH, errors
 from livekit_proctor.analyzer.auth import Principal, require
 from livekit_proctor.analyzer.sessions import SessionManager, SessionNotFound
 from livekit_proctor.contracts.identity import CandidateData, PrivacyDeleted, PrivacyDeleteRequest, PrivacyExport
+from livekit_proctor.contracts.outbox import AlertSink
 from livekit_proctor.identity_store import IdentityStore
 
 router = APIRouter(prefix="/api/v1/privacy", tags=["privacy"])
@@ -47,8 +51,9 @@ async def export(
 
 @router.post("/delete", response_model=PrivacyDeleted, responses=errors(400, *AUTH, 413, 422))
 async def delete(body: PrivacyDeleteRequest, request: Request, who: Privileged) -> PrivacyDeleted:
-    """Deletes everything held about the candidate: ends their live sessions first, then the database rows,
-    then their lines in alerts.jsonl. The identity audit keeps one record: this deletion (with its counts)."""
+    """Deletes everything held about the candidate: ends their live sessions first, then their alerts in the
+    outbox, then the database rows, then their lines in alerts.jsonl. The identity audit keeps one record: this
+    deletion (with its counts)."""
     cid = body.candidate_id
     mgr: SessionManager = request.app.state.sessions
     live = {sid for sid, s in mgr.live.items() if s.candidate_id == cid}
@@ -61,8 +66,15 @@ async def delete(body: PrivacyDeleteRequest, request: Request, who: Privileged) 
         except SessionNotFound:
             pass
     store: IdentityStore = request.app.state.identity
-    rep = await asyncio.to_thread(store.delete_candidate, cid, who)
-    counts = rep.counts()
+    sink: AlertSink = request.app.state.sink
+    # The outbox first: should a later step fail, a retry still finds the session ids (sessions, audit rows).
+    sids = await asyncio.to_thread(store.session_ids, cid)
+    outbox = await sink.delete_sessions(sids)
+    rep = await asyncio.to_thread(store.delete_candidate, cid, who, outbox)
+    if late := [s for s in rep.session_ids if s not in sids]:  # a session started meanwhile
+        for k, n in (await sink.delete_sessions(late)).items():
+            outbox[k] = outbox.get(k, 0) + n
+    counts = outbox | rep.counts()
     for h in _hooks(request):
         counts[h.name] = await asyncio.to_thread(h.erase, cid, rep.session_ids)
     return PrivacyDeleted(candidate_id=cid, sessions_ended=ended, deleted=counts, session_ids=rep.session_ids)

@@ -28,6 +28,13 @@ class AlertSink(Protocol):
         """Appends alerts in order. `also` runs in the same database transaction for the SQL outbox, so a
         session's state and the alerts it produced commit together; other sinks run it right after."""
 
+    async def delete_sessions(self, session_ids: Sequence[str]) -> dict[str, int]:
+        """Removes every alert of these sessions the outbox still holds, delivered or not (evidence thumbnails
+        are inside the alerts), so that no dispatcher delivers them afterwards: a privacy deletion. Returns
+        counts by kind (at least "outbox": alerts removed). Copies a transport already delivered are out of
+        reach."""
+        ...
+
     def state(self) -> dict[str, object]:
         """Shown in readiness and admin stats; "ok": False while appends fail."""
         ...
