@@ -67,13 +67,13 @@ async def delete(body: PrivacyDeleteRequest, request: Request, who: Privileged) 
             pass
     store: IdentityStore = request.app.state.identity
     sink: AlertSink = request.app.state.sink
-    # The outbox first: should a later step fail, a retry still finds the session ids (sessions, audit rows).
+    # The outbox before the rows: should a later step fail, a retry still finds the session ids (sessions, audit
+    # rows). Once more after them: what another node appended for a session it served until it saw the row end.
     sids = await asyncio.to_thread(store.session_ids, cid)
     outbox = await sink.delete_sessions(sids)
     rep = await asyncio.to_thread(store.delete_candidate, cid, who, outbox)
-    if late := [s for s in rep.session_ids if s not in sids]:  # a session started meanwhile
-        for k, n in (await sink.delete_sessions(late)).items():
-            outbox[k] = outbox.get(k, 0) + n
+    for k, n in (await sink.delete_sessions(rep.session_ids)).items():
+        outbox[k] = outbox.get(k, 0) + n
     counts = outbox | rep.counts()
     for h in _hooks(request):
         counts[h.name] = await asyncio.to_thread(h.erase, cid, rep.session_ids)

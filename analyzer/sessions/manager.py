@@ -26,7 +26,7 @@ from livekit_proctor.analyzer.sessions.live import LiveSession
 from livekit_proctor.analyzer.sessions.store import SessionStore, aware
 from livekit_proctor.contracts.api import EffectivePolicy, FaceVerification, SessionStartRequest, SessionState
 from livekit_proctor.contracts.outbox import AlertSink
-from livekit_proctor.contracts.wire import CloseCode
+from livekit_proctor.contracts.wire import CloseCode, SessionEndedMessage
 from livekit_proctor.db import SessionRow, utcnow
 from livekit_proctor.identity_store import IdentityStore, SystemActor
 
@@ -141,13 +141,7 @@ class SessionManager:
                 live = LiveSession(row, self)
         if live is not None:
             await live.close(reason)  # its last messages tell connected clients; their senders then close
-            for _ in range(50):
-                if live.connection is None:
-                    break
-                await asyncio.sleep(0.02)
-            if live.connection is not None:
-                with contextlib.suppress(Exception):
-                    await live.connection.close(code=int(CloseCode.SESSION_ENDED), reason=f"session {state}")
+            await self._disconnect(live, state)
         last = (live.counters.to_json(), live.state_json()) if live is not None else None
         return await self.store.finish(sid, state, actor, reason, last)
 
@@ -183,6 +177,52 @@ class SessionManager:
                 if not live.enrollment_known or ids.get(live.candidate_id) != live.enrollment_id:
                     live.enrollment_changed("recheck")
 
+    @staticmethod
+    async def _disconnect(live: LiveSession, state: str) -> None:
+        """Waits for the client's sender to close after session_ended, else closes the connection."""
+        for _ in range(50):
+            if live.connection is None:
+                break
+            await asyncio.sleep(0.02)
+        if live.connection is not None:
+            with contextlib.suppress(Exception):
+                await live.connection.close(code=int(CloseCode.SESSION_ENDED), reason=f"session {state}")
+
+    @staticmethod
+    async def _silence(live: LiveSession) -> None:
+        """Stops a session's work with no further append: the emitter's lock is taken before anything is
+        cancelled, so an append under way commits first (a cancelled one's thread would commit later); the work
+        waiting for the lock is cancelled."""
+        async with live.emitter.lock:
+            live.stop()
+            for task in live.workers.background():
+                task.cancel()
+
+    async def drop_ended_elsewhere(self) -> list[str]:
+        """Stops the live sessions here whose row another node ended, restarted or deleted (several nodes on one
+        database: a privacy deletion on any node ends the candidate's sessions on all of them). No end alerts:
+        the other node ended their incidents, and a deleted candidate gets none; what this node appended for a
+        deleted session since the deletion is removed from the outbox."""
+        snapshot = dict(self.live)
+        why = await self.store.ended_elsewhere({sid: s.sitting for sid, s in snapshot.items()})
+        dropped = [sid for sid in why if self.live.get(sid) is snapshot[sid]]  # not ended / restarted here meanwhile
+        for sid in dropped:
+            live = self.live.pop(sid)
+            await self._silence(live)
+            live.state = "ended"
+            live.barrier.close()
+            reason = "privacy_deletion" if why[sid] == "deleted" else why[sid]
+            live.broadcast(SessionEndedMessage(reason=reason))
+            await self._disconnect(live, "ended")
+            await self._silence(live)  # what the last frames before the disconnect started
+            log.info("session %s: stopped here, %s on another node", sid, why[sid])
+        self.metrics.active_sessions.set(len(self.live))
+        if dropped:  # asked now, after the last append: a row ended first may have been deleted since
+            gone = await self.store.ended_elsewhere({sid: snapshot[sid].sitting for sid in dropped})
+            if deleted := [sid for sid, w in gone.items() if w == "deleted"]:
+                await self.sink.delete_sessions(deleted)
+        return dropped
+
     async def _expire(self, sid: str) -> None:
         with contextlib.suppress(SessionNotFound):
             await self.end(sid, "system:expiry", reason="expired", state="expired")
@@ -207,6 +247,7 @@ class SessionManager:
                     continue
                 last_sweep = time.monotonic()
                 now = utcnow()
+                await self.drop_ended_elsewhere()
                 expired = {sid for sid, live in self.live.items() if live.expires_at <= now}
                 expired.update(await self.store.expired_ids())
                 for sid in expired:

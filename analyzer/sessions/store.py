@@ -131,6 +131,30 @@ class SessionStore:
 
         return await asyncio.to_thread(q)
 
+    async def ended_elsewhere(self, sittings: dict[str, str]) -> dict[str, str]:
+        """Of these sessions (id -> sitting) live in this process, those another node ended, restarted or deleted
+        since: id -> why ("deleted": the row is gone, a privacy deletion; else "ended_elsewhere"). The rows are
+        the state nodes on one database share; an owner node sees the change at its next sweep."""
+        if not sittings:
+            return {}
+
+        def q() -> dict[str, str]:
+            with self.sm() as db:
+                stmt = select(SessionRow.id, SessionRow.state, SessionRow.sitting).where(
+                    SessionRow.id.in_(list(sittings))
+                )
+                rows = {sid: (state, sitting or "") for sid, state, sitting in db.execute(stmt)}
+            out = {}
+            for sid, sitting in sittings.items():
+                row = rows.get(sid)
+                if row is None:
+                    out[sid] = "deleted"
+                elif row != ("active", sitting):
+                    out[sid] = "ended_elsewhere"
+            return out
+
+        return await asyncio.to_thread(q)
+
     async def expired_ids(self, limit: int = 500) -> list[str]:
         """Active sessions past their expiry, whichever process (if any) serves them."""
 

@@ -1,0 +1,150 @@
+"""POST /api/v1/privacy/delete reaches whatever outbox is configured (here the Redis Stream outbox, on a real
+redis-server) and the candidate's sessions live on another analyzer node that shares the database."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aredis
+import websockets
+from sqlalchemy import select
+
+from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
+from livekit_proctor.db import OutboxRow
+from livekit_proctor.dispatcher.engine import Dispatcher
+from livekit_proctor.dispatcher.outbox import RedisOutbox
+from livekit_proctor.dispatcher.source import GROUP_PREFIX, RedisSource
+from livekit_proctor.dispatcher.transports.base import RetryPolicy
+from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransport
+from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, stream_url
+from tests.conftest import eventually as wait_until
+from tests.servers import RedisServer
+
+FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
+LANE = "redis"  # the lane of a RedisStreamTransport: consumer group proctor-dispatch:redis
+
+
+def alert(sid: str, cid: str, i: int) -> Alert:
+    return Alert(
+        exam_session_id=sid, candidate_id=cid, event_type=EventType.FACE_NOT_FOUND, severity_score=0.5,
+        timestamp=datetime.now(UTC).isoformat(), ai_model_source="test",
+        evidence={"i": i, "thumbnail_jpeg_b64": "aGVsbG8="}, metadata=AlertMetadata(node_id="n", worker_id="w"),
+    )  # fmt: skip
+
+
+def delete(srv: LiveServer, cid: str) -> dict[str, Any]:
+    with srv.http(ADMIN_KEY) as c:
+        r = c.post("/api/v1/privacy/delete", json={"candidate_id": cid})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_delete_removes_the_candidates_redis_outbox_entries_and_the_others_are_still_delivered(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    srv = LiveServer(tmp_path, outbox="redis", redis_url=redis_server.url, dispatcher_embedded=False).start()
+    r = aredis.from_url(redis_server.url)
+    try:
+        for sid, cid in (("x-1", "x"), ("x-2", "x"), ("y-1", "y")):
+            srv.start_session(sid, candidate=cid)
+        stream = srv.settings.outbox_stream
+        outbox = RedisOutbox(aredis.from_url(redis_server.url), stream)
+        order = ["x-1", "x-2", "y-1", "x-1", "y-1", "y-1", "x-2", "y-1"]  # queued, no dispatcher running
+        for i, sid in enumerate(order):
+            await outbox.publish(alert(sid, sid[0], i))
+        await outbox.r.aclose()
+        group = GROUP_PREFIX + LANE
+        await r.xgroup_create(stream, group, id="0")
+        # A dispatcher that read three entries and died (pending, claimable by another) ...
+        await r.xreadgroup(group, "dead", {stream: ">"}, count=3)
+        # ... and one that holds two in its hands, sending them, while the deletion runs.
+        busy = RedisSource(aredis.from_url(redis_server.url), "busy", stream)
+        in_hand = await busy.read(LANE, 2, 0.1)
+        assert [json.loads(e.payload)["evidence"]["i"] for e in in_hand] == [3, 4]
+
+        rep = delete(srv, "x")
+        assert sorted(rep["session_ids"]) == ["x-1", "x-2"]
+        assert rep["deleted"]["outbox"] == 4  # every entry of x: queued, pending with "dead", in "busy"'s hands
+        assert rep["deleted"]["outbox_pending"] == 3  # x-1, x-2 pending with "dead"; x-1 with "busy"
+
+        entries = await r.xrange(stream)
+        assert {f[b"exam_session_id"] for _, f in entries} == {b"y-1"}
+        assert b"thumbnail" in entries[0][1][b"payload"]  # y's alerts are intact
+        pending = await r.xpending_range(stream, group, min="-", max="+", count=100)
+        left = {p["message_id"] for p in pending}
+        assert left <= {eid for eid, _ in entries}  # no deleted entry waits in a pending list
+        assert {p["consumer"] for p in pending} == {b"dead", b"busy"}  # y's pending entries stay claimable
+
+        await busy.ack(LANE, in_hand)  # "busy" finishes sending the deleted entry: a no-op, not an error
+        await busy.close()
+
+        # A dispatcher now delivers exactly y's alerts: the queued ones and those the dead one left pending.
+        d = Dispatcher(
+            RedisSource(aredis.from_url(redis_server.url), "d2", stream, claim_idle_s=0.05),
+            [RedisStreamTransport(redis_server.url, "out", retry=FAST)],
+            srv.app.state.sessions.sm,
+        )
+        await d.start()
+        want = {i for i, sid in enumerate(order) if sid == "y-1"} - {4}  # 4 was acknowledged by "busy"
+
+        async def delivered() -> set[int]:
+            return {json.loads(f[b"payload"])["evidence"]["i"] for _, f in await r.xrange("out")}
+
+        async def done() -> bool:
+            return await delivered() >= want and (await r.xpending(stream, group))["pending"] == 0
+
+        await wait_until(done, what=f"{want} delivered and acknowledged")
+        await d.stop()
+        assert await delivered() == want
+    finally:
+        await r.aclose()
+        srv.stop()
+
+
+async def test_delete_on_one_node_ends_the_candidates_session_live_on_another(tmp_path: Path) -> None:
+    """Two analyzer nodes on one database: the delete on node 1 ends the session node 2 serves at node 2's next
+    sweep (no end alert for the deleted candidate), and what node 2 appended meanwhile leaves the outbox."""
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    common: dict[str, Any] = {"database_url": db, "stream_secret": "s" * 32, "dispatcher_embedded": False}
+    (tmp_path / "n1").mkdir()
+    (tmp_path / "n2").mkdir()
+    node1 = LiveServer(tmp_path / "n1", **common).start()
+    node2 = LiveServer(tmp_path / "n2", expiry_sweep_s=0.5, **common).start()
+    try:
+        cfg = node2.start_session("x-live", candidate="x")
+        node2.start_session("y-live", candidate="y")
+        base = time.time() - 60
+        async with StreamClient.connect(stream_url(cfg)) as s:
+            for i in range(30):  # 6 s without a face: FACE_NOT_FOUND, its start alert carries a thumbnail
+                await s.video(black_jpeg(), base + i * 0.2)
+            await s.sync()
+            await s.wait_for(lambda m: m["type"] == "alert")
+
+            rep = delete(node1, "x")
+            assert rep["sessions_ended"] == ["x-live"] and rep["deleted"]["sessions"] == 1
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for i in range(30, 60):  # node 2 goes on until its sweep: what it appends now must go too
+                    await s.video(black_jpeg(), base + i * 0.2)
+            ended = await s.wait_for(lambda m: m["type"] == "session_ended")
+            mgr2 = node2.app.state.sessions
+            sweeps = mgr2.metrics.registry.get_sample_value("proctor_expiry_sweeps_total")
+            # "ended_elsewhere" when node 2's sweep fell between node 1's end and its deletion of the row.
+            assert ended["reason"] in ("privacy_deletion", "ended_elsewhere")
+            await wait_until(lambda: s.closed, what="connection closed")
+        assert "x-live" not in mgr2.live and "y-live" in mgr2.live  # the other candidate's session goes on
+        # The sweep that ended it is over once the count moves on (its clean-up is its last step).
+        await wait_until(lambda: mgr2.metrics.registry.get_sample_value("proctor_expiry_sweeps_total") > sweeps)
+        with mgr2.sm() as db_:
+            left = db_.scalars(select(OutboxRow.event_type).where(OutboxRow.exam_session_id == "x-live")).all()
+        assert left == []
+        with node2.http(ADMIN_KEY) as c:
+            assert c.get("/api/v1/session/x-live").status_code == 404
+            assert c.get("/api/v1/session/y-live").json()["state"] == "active"
+    finally:
+        node2.stop()
+        node1.stop()
