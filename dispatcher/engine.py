@@ -132,6 +132,9 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 replayed = await self._replay_dead_letters(t)
+                if pending:  # a retry: what a privacy deletion removed from the outbox meanwhile is not sent
+                    pending = await self.source.held(t.name, pending)
+                    st.attempts = {e.seq: st.attempts[e.seq] for e in pending if e.seq in st.attempts}
                 if not pending:
                     pending = await self.source.read(t.name, t.max_batch, 0.2 if replayed else self.block_s)
                     self.metrics.alerts_in.labels(t.name).inc(len(pending))
@@ -165,7 +168,8 @@ class Dispatcher:
                 st.last_error = err.reason
                 self.metrics.failed.labels(t.name).inc()
                 if err.permanent or t.retry.exhausted(n):
-                    await self._dead_letter(t.name, head, n, err.reason)
+                    if await self.source.held(t.name, [head]):  # not when deleted meanwhile
+                        await self._dead_letter(t.name, head, n, err.reason)
                     await self.source.ack(t.name, [head])
                     st.attempts.pop(head.seq, None)
                     pending = pending[1:]

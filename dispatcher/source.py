@@ -34,6 +34,10 @@ class OutboxSource(Protocol):
     async def ack(self, lane: str, envelopes: list[Envelope]) -> None:
         """These were delivered (or dead-lettered): never read again for this lane."""
 
+    async def held(self, lane: str, envelopes: list[Envelope]) -> list[Envelope]:
+        """Those of these envelopes (read, not yet acknowledged) the outbox still holds: a lane retrying a batch
+        drops what a privacy deletion removed meanwhile (AlertSink.delete_sessions) instead of sending it."""
+
     async def depth(self, lanes: list[str]) -> tuple[int, float]:
         """(envelopes not yet delivered by the slowest lane, age in seconds of the oldest of them)."""
 
@@ -132,6 +136,17 @@ class SqlSource:
     def rewind(self, lane: str) -> None:
         """Forget envelopes handed out but not acked: the next read starts after the cursor again."""
         self._next.pop(lane, None)
+
+    async def held(self, lane: str, envelopes: list[Envelope]) -> list[Envelope]:
+        def q() -> set[tuple[int, str]]:
+            with self.sm() as db:
+                stmt = select(OutboxRow.seq, OutboxRow.exam_session_id).where(
+                    OutboxRow.seq.in_([e.seq for e in envelopes])
+                )
+                return {(seq, sid) for seq, sid in db.execute(stmt)}  # a redacted row has another session id
+
+        there = await asyncio.to_thread(q) if envelopes else set()
+        return [e for e in envelopes if (e.seq, e.exam_session_id) in there]
 
     async def depth(self, lanes: list[str]) -> tuple[int, float]:
         def q() -> tuple[int, float]:
@@ -240,6 +255,23 @@ class RedisSource:
 
     def rewind(self, lane: str) -> None:
         self._own_pending_done.discard(lane)  # re-read our pending entries
+
+    async def held(self, lane: str, envelopes: list[Envelope]) -> list[Envelope]:
+        known = [(e, self._ids.get((lane, e.seq))) for e in envelopes]
+        if not envelopes:
+            return []
+        async with self.r.pipeline(transaction=False) as pipe:
+            for _, eid in known:
+                if eid is not None:
+                    pipe.xrange(self.stream, min=eid, max=eid, count=1)
+            found = iter(await pipe.execute())
+        out = []
+        for e, eid in known:
+            if eid is None or next(found):
+                out.append(e)
+            else:  # deleted (and acknowledged) by delete_sessions
+                self._ids.pop((lane, e.seq), None)
+        return out
 
     async def depth(self, lanes: list[str]) -> tuple[int, float]:
         worst, oldest_ms = 0, None

@@ -10,15 +10,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aredis
 import websockets
 from sqlalchemy import select
 
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
-from livekit_proctor.db import OutboxRow
+from livekit_proctor.db import DeadLetterRow, OutboxRow, make_engine, make_sessionmaker
 from livekit_proctor.dispatcher.engine import Dispatcher
-from livekit_proctor.dispatcher.outbox import RedisOutbox
-from livekit_proctor.dispatcher.source import GROUP_PREFIX, RedisSource
+from livekit_proctor.dispatcher.outbox import RedisOutbox, SqlOutbox
+from livekit_proctor.dispatcher.source import GROUP_PREFIX, OutboxSource, RedisSource, SqlSource
 from livekit_proctor.dispatcher.transports.base import RetryPolicy
 from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransport
 from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, stream_url
@@ -104,6 +105,47 @@ async def test_delete_removes_the_candidates_redis_outbox_entries_and_the_others
     finally:
         await r.aclose()
         srv.stop()
+
+
+@pytest.mark.parametrize("kind", ["sql", "redis"])
+async def test_a_lane_retrying_an_alert_deleted_meanwhile_drops_it(
+    kind: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A lane whose backend is down holds its batch and retries it; a deletion meanwhile takes the candidate's
+    alerts out of that batch: never sent, never dead-lettered, the rest delivered once the backend is back."""
+    sm = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'proctor.db'}"))
+    outbox: SqlOutbox | RedisOutbox
+    source: OutboxSource
+    if kind == "redis":
+        outbox = RedisOutbox(aredis.from_url(redis_server.url), "proctor:alerts")
+        source = RedisSource(aredis.from_url(redis_server.url), "d1", "proctor:alerts")
+    else:
+        outbox, source = SqlOutbox(sm, None), SqlSource(sm, "d1")
+    for i, sid in enumerate(["x-1", "y-1", "x-1", "y-1"]):
+        await outbox.publish(alert(sid, sid[0], i))
+    backend = RedisServer()  # not started yet: every send fails
+    patient = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=1_000_000)
+    d = Dispatcher(source, [RedisStreamTransport(backend.url, "out", retry=patient)], sm)
+    await d.start()
+    try:
+        await wait_until(lambda: d.states[LANE].failed_attempts >= 2, what="the lane retrying its batch")
+        assert (await outbox.delete_sessions(["x-1"]))["outbox"] == 2
+        backend.start()
+        out = aredis.from_url(backend.url)
+
+        async def sent() -> list[int]:
+            return [json.loads(f[b"payload"])["evidence"]["i"] for _, f in await out.xrange("out")]
+
+        await wait_until(lambda: d.states[LANE].delivered >= 2, what="y's alerts delivered")
+        assert await sent() == [1, 3]
+        await out.aclose()
+        with sm() as db:
+            assert db.scalars(select(DeadLetterRow)).all() == []
+    finally:
+        await d.stop()
+        if kind == "redis":
+            await outbox.r.aclose()  # type: ignore[union-attr]
+        backend.stop()
 
 
 async def test_delete_on_one_node_ends_the_candidates_session_live_on_another(tmp_path: Path) -> None:
