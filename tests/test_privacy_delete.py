@@ -177,7 +177,8 @@ async def test_delete_on_one_node_ends_the_candidates_session_live_on_another(tm
             sweeps = mgr2.metrics.registry.get_sample_value("proctor_expiry_sweeps_total")
             # "ended_elsewhere" when node 2's sweep fell between node 1's end and its deletion of the row.
             assert ended["reason"] in ("privacy_deletion", "ended_elsewhere")
-            await wait_until(lambda: s.closed, what="connection closed")
+            closed = await wait_until(lambda: s.closed, what="connection closed")
+            assert closed[0] == 4408
         assert "x-live" not in mgr2.live and "y-live" in mgr2.live  # the other candidate's session goes on
         # The sweep that ended it is over once the count moves on (its clean-up is its last step).
         await wait_until(lambda: mgr2.metrics.registry.get_sample_value("proctor_expiry_sweeps_total") > sweeps)

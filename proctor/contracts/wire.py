@@ -353,7 +353,8 @@ class PongMessage(_ServerMessage):
 
 
 class SessionEndedMessage(_ServerMessage):
-    """The session ended (`ended_by_api`) or expired (`expired`); a 4408 close follows."""
+    """The session ended (`ended_by_api`, `privacy_deletion`, `ended_elsewhere`: another node ended it) or
+    expired (`expired`); a 4408 close follows."""
 
     type: Literal["session_ended"] = "session_ended"
     reason: str
