@@ -25,6 +25,7 @@ from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransp
 from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, stream_url
 from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer
+from tests.test_postgres import pg_url  # noqa: F401  (the fixture: one PostgreSQL server for this module)
 
 FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
 LANE = "redis"  # the lane of a RedisStreamTransport: consumer group proctor-dispatch:redis
@@ -148,10 +149,15 @@ async def test_a_lane_retrying_an_alert_deleted_meanwhile_drops_it(
         backend.stop()
 
 
-async def test_delete_on_one_node_ends_the_candidates_session_live_on_another(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_delete_on_one_node_ends_the_candidates_session_live_on_another(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Two analyzer nodes on one database: the delete on node 1 ends the session node 2 serves at node 2's next
     sweep (no end alert for the deleted candidate), and what node 2 appended meanwhile leaves the outbox."""
     db = f"sqlite:///{tmp_path / 'shared.db'}"
+    if database == "postgresql":
+        db = request.getfixturevalue("pg_url")  # one server for this module; a database for each test is not needed
     common: dict[str, Any] = {"database_url": db, "stream_secret": "s" * 32, "dispatcher_embedded": False}
     (tmp_path / "n1").mkdir()
     (tmp_path / "n2").mkdir()
