@@ -455,6 +455,30 @@ class IdentityStore:
             self._changed(candidate_id)
         return rep
 
+    def erase_after_deletion(self, candidate_id: str, session_ids: Sequence[str]) -> int:
+        """Removes the identity audit records these sessions made about the candidate after the candidate's latest
+        deletion (another analyzer node served them until its sweep saw their rows gone): the deletion record
+        stays the only one. Returns how many went."""
+        sids = set(session_ids)
+        with self.sm.begin() as db:
+            _lock_candidate(db, candidate_id)
+            last = db.scalar(
+                select(func.max(IdentityAuditRow.id)).where(
+                    IdentityAuditRow.candidate_id == candidate_id, IdentityAuditRow.action == "delete"
+                )
+            )
+            if last is None:
+                return 0
+            later = db.scalars(
+                select(IdentityAuditRow).where(
+                    IdentityAuditRow.candidate_id == candidate_id, IdentityAuditRow.id > last
+                )
+            ).all()
+            gone = [r for r in later if isinstance(r.result, dict) and r.result.get("exam_session_id") in sids]
+            for r in gone:
+                db.delete(r)
+            return len(gone)
+
     def export_candidate(self, candidate_id: str, who: Actor, *, include_vectors: bool = False) -> dict[str, Any]:
         """Everything held about the candidate as JSON-ready dicts (see the module docstring on vectors)."""
         enr = self.get_enrollment(candidate_id, decrypt=include_vectors)

@@ -3,6 +3,7 @@ redis-server) and the candidate's sessions live on another analyzer node that sh
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import cv2
 import pytest
 import redis.asyncio as aredis
 import websockets
@@ -22,13 +24,14 @@ from livekit_proctor.dispatcher.outbox import RedisOutbox, SqlOutbox
 from livekit_proctor.dispatcher.source import GROUP_PREFIX, OutboxSource, RedisSource, SqlSource
 from livekit_proctor.dispatcher.transports.base import RetryPolicy
 from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransport
-from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, stream_url
+from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, load_rgb, stream_url
 from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer
 from tests.test_postgres import pg_url  # noqa: F401  (the fixture: one PostgreSQL server for this module)
 
 FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
 LANE = "redis"  # the lane of a RedisStreamTransport: consumer group proctor-dispatch:redis
+FACE = "faces/identity/angelina_jolie/deepface__img1.jpg"  # shared data (skips without it)
 
 
 def alert(sid: str, cid: str, i: int) -> Alert:
@@ -154,17 +157,26 @@ async def test_delete_on_one_node_ends_the_candidates_session_live_on_another(
     database: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Two analyzer nodes on one database: the delete on node 1 ends the session node 2 serves at node 2's next
-    sweep (no end alert for the deleted candidate), and what node 2 appended meanwhile leaves the outbox."""
+    sweep (no end alert for the deleted candidate), and what node 2 wrote meanwhile (alerts in the outbox, the
+    identity audit record of its session re-reading the deleted enrollment) goes too."""
+    face = cv2.imencode(".jpg", cv2.cvtColor(load_rgb(FACE), cv2.COLOR_RGB2BGR))[1].tobytes()
     db = f"sqlite:///{tmp_path / 'shared.db'}"
     if database == "postgresql":
         db = request.getfixturevalue("pg_url")  # one server for this module; a database for each test is not needed
-    common: dict[str, Any] = {"database_url": db, "stream_secret": "s" * 32, "dispatcher_embedded": False}
+    key = base64.b64encode(b"k" * 32).decode()  # one embedding key on every node (docs/operations.md)
+    common: dict[str, Any] = {"database_url": db, "stream_secret": "s" * 32, "embedding_key": key,
+                              "dispatcher_embedded": False}  # fmt: skip
     (tmp_path / "n1").mkdir()
     (tmp_path / "n2").mkdir()
     node1 = LiveServer(tmp_path / "n1", **common).start()
-    node2 = LiveServer(tmp_path / "n2", expiry_sweep_s=0.5, **common).start()
+    # Node 2 re-checks enrollments more often than it sweeps: its session of x re-reads the deleted enrollment
+    # (an identity audit record, IDENTITY_UNVERIFIED) before the sweep ends it.
+    node2 = LiveServer(tmp_path / "n2", expiry_sweep_s=1.0, enrollment_recheck_s=0.1, **common).start()
     try:
-        cfg = node2.start_session("x-live", candidate="x")
+        with node1.http() as c:
+            r = c.post("/api/v1/enroll", json={"candidate_id": "x", "image_base64": base64.b64encode(face).decode()})
+            assert r.status_code == 200, r.text
+        cfg = node2.start_session("x-live", candidate="x", verification_policy={"mode": "periodic"})
         node2.start_session("y-live", candidate="y")
         base = time.time() - 60
         async with StreamClient.connect(stream_url(cfg)) as s:
@@ -191,6 +203,7 @@ async def test_delete_on_one_node_ends_the_candidates_session_live_on_another(
         with mgr2.sm() as db_:
             left = db_.scalars(select(OutboxRow.event_type).where(OutboxRow.exam_session_id == "x-live")).all()
         assert left == []
+        assert [a["action"] for a in node1.app.state.identity.audit_entries("x")] == ["delete"]
         with node2.http(ADMIN_KEY) as c:
             assert c.get("/api/v1/session/x-live").status_code == 404
             assert c.get("/api/v1/session/y-live").json()["state"] == "active"

@@ -201,8 +201,8 @@ class SessionManager:
     async def drop_ended_elsewhere(self) -> list[str]:
         """Stops the live sessions here whose row another node ended, restarted or deleted (several nodes on one
         database: a privacy deletion on any node ends the candidate's sessions on all of them). No end alerts:
-        the other node ended their incidents, and a deleted candidate gets none; what this node appended for a
-        deleted session since the deletion is removed from the outbox."""
+        the other node ended their incidents, and a deleted candidate gets none; what this node wrote for a
+        deleted session since the deletion (outbox alerts, identity audit records of its face checks) is removed."""
         snapshot = dict(self.live)
         why = await self.store.ended_elsewhere({sid: s.sitting for sid, s in snapshot.items()})
         dropped = [sid for sid in why if self.live.get(sid) is snapshot[sid]]  # not ended / restarted here meanwhile
@@ -215,12 +215,17 @@ class SessionManager:
             live.broadcast(SessionEndedMessage(reason=reason))
             await self._disconnect(live, "ended")
             await self._silence(live)  # what the last frames before the disconnect started
+            await live.flushed()  # and the identity audit records it made
             log.info("session %s: stopped here, %s on another node", sid, why[sid])
         self.metrics.active_sessions.set(len(self.live))
-        if dropped:  # asked now, after the last append: a row ended first may have been deleted since
+        if dropped:  # asked now, after the last write: a row ended first may have been deleted since
             gone = await self.store.ended_elsewhere({sid: snapshot[sid].sitting for sid in dropped})
             if deleted := [sid for sid, w in gone.items() if w == "deleted"]:
                 await self.sink.delete_sessions(deleted)
+                if self.identity is not None:
+                    for sid in deleted:
+                        cid = snapshot[sid].candidate_id
+                        await asyncio.to_thread(self.identity.erase_after_deletion, cid, [sid])
         return dropped
 
     async def _expire(self, sid: str) -> None:
