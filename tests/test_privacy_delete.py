@@ -1,5 +1,6 @@
-"""POST /api/v1/privacy/delete reaches whatever outbox is configured (here the Redis Stream outbox, on a real
-redis-server) and the candidate's sessions live on another analyzer node that shares the database."""
+"""POST /api/v1/privacy/delete reaches whatever outbox is configured (the Redis Stream outbox here, on a real
+redis-server; the SQL one in test_identity_store.py), dispatchers reading it at the time, and the candidate's
+sessions live on another analyzer node that shares the database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ import redis.asyncio as aredis
 import websockets
 from sqlalchemy import select
 
+from livekit_proctor.analyzer.rules.policy import effective_policy
+from livekit_proctor.analyzer.sessions.store import SessionStore
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
-from livekit_proctor.db import DeadLetterRow, OutboxRow, make_engine, make_sessionmaker
+from livekit_proctor.contracts.api import SessionStartRequest
+from livekit_proctor.db import DeadLetterRow, OutboxRow, SessionRow, make_engine, make_sessionmaker
 from livekit_proctor.dispatcher.engine import Dispatcher
 from livekit_proctor.dispatcher.outbox import RedisOutbox, SqlOutbox
 from livekit_proctor.dispatcher.source import GROUP_PREFIX, OutboxSource, RedisSource, SqlSource
 from livekit_proctor.dispatcher.transports.base import RetryPolicy
 from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransport
+from livekit_proctor.settings import Settings
 from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, load_rgb, stream_url
 from tests.conftest import eventually as wait_until
 from tests.servers import RedisServer
@@ -210,3 +215,35 @@ async def test_delete_on_one_node_ends_the_candidates_session_live_on_another(
     finally:
         node2.stop()
         node1.stop()
+
+
+async def test_redis_outbox_delete_pages_through_the_stream(redis_server: RedisServer) -> None:
+    outbox = RedisOutbox(aredis.from_url(redis_server.url), "proctor:alerts")
+    try:
+        assert await outbox.delete_sessions(["x-1"]) == {"outbox": 0, "outbox_pending": 0}  # no stream yet
+        sids = ["x-1", "y-1", "x-2", "x-1", "y-1", "x-2", "x-1"]
+        for i, sid in enumerate(sids):
+            await outbox.publish(alert(sid, sid[0], i))
+        # No consumer group yet: nothing was read, nothing to acknowledge.
+        assert await outbox.delete_sessions(["x-1", "x-2", "z"], page=2) == {"outbox": 5, "outbox_pending": 0}
+        left = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in await outbox.r.xrange("proctor:alerts")]
+        assert left == [1, 4]
+    finally:
+        await outbox.r.aclose()
+
+
+async def test_a_sessions_row_tells_its_node_whether_another_ended_restarted_or_deleted_it(tmp_path: Path) -> None:
+    store = SessionStore(make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'proctor.db'}")))
+    rows = {}
+    for sid in ("live", "ended", "restarted", "deleted"):
+        req = SessionStartRequest(exam_session_id=sid, candidate_id="c", exam_id="e")
+        rows[sid] = await store.create(req, effective_policy(req, Settings().video_fps), "test", 3600)
+    await store.finish("ended", "ended", "node1", "ended_by_api", None)
+    req = SessionStartRequest(exam_session_id="restarted", candidate_id="c", exam_id="e")
+    await store.create(req, effective_policy(req, Settings().video_fps), "node1", 3600)  # a new sitting
+    with store.sm.begin() as db:
+        db.delete(db.get(SessionRow, "deleted"))
+    sittings = {sid: row.sitting or "" for sid, row in rows.items()}
+    assert await store.ended_elsewhere(sittings) == {
+        "ended": "ended_elsewhere", "restarted": "ended_elsewhere", "deleted": "deleted"
+    }  # fmt: skip
