@@ -84,6 +84,19 @@ class SqlOutbox:
         gone, redacted = await asyncio.to_thread(run)
         return {"outbox": gone, "outbox_redacted": redacted}
 
+    async def export_sessions(self, session_ids: Sequence[str]) -> list[dict[str, Any]]:
+        sids = list(dict.fromkeys(session_ids))
+        if not sids:
+            return []
+
+        def run() -> list[dict[str, Any]]:
+            with self._sm() as db:
+                rows = db.scalars(select(OutboxRow).where(OutboxRow.exam_session_id.in_(sids)).order_by(OutboxRow.seq))
+                return [_exported(o.seq, o.event_id, o.exam_session_id, o.delivered_at is not None, o.payload)
+                        for o in rows]  # fmt: skip
+
+        return await asyncio.to_thread(run)
+
     def pending(self) -> int:
         with self._sm() as db:
             return db.scalar(select(func.count()).select_from(OutboxRow).where(OutboxRow.delivered_at.is_(None))) or 0
@@ -188,6 +201,41 @@ class RedisOutbox:
             res = await pipe.execute()
         return {"outbox": int(res[-1]), "outbox_pending": sum(int(n) for n in res[:-1])}
 
+    async def export_sessions(self, session_ids: Sequence[str], page: int = 500) -> list[dict[str, Any]]:
+        """The sessions' entries (one pass over the stream, as delete_sessions). "delivered": every consumer
+        group has read the entry (its last-delivered id is past it) and acknowledged it (not pending); None
+        while no group exists yet."""
+        sids = {s.encode() for s in session_ids}
+        found: list[tuple[bytes, dict[Any, Any]]] = []
+        start = "-"
+        while sids:
+            entries = await self.r.xrange(self.stream, min=start, max="+", count=page)
+            found += [(_b(eid), f) for eid, f in entries if _session_of(f) in sids]
+            if len(entries) < page:
+                break
+            start = "(" + _b(entries[-1][0]).decode()
+        if not found:
+            return []
+        groups = await self.r.xinfo_groups(self.stream)
+        pending: set[bytes] = set()
+        for g in groups:
+            rows = await self.r.xpending_range(
+                self.stream, _b(g["name"]), min=found[0][0], max=found[-1][0], count=len(found)
+            )
+            pending |= {_b(r["message_id"]) for r in rows}
+        read_by_all = [_stream_id(_b(g["last-delivered-id"])) for g in groups]
+
+        def delivered(eid: bytes) -> bool | None:
+            if not groups:
+                return None
+            return eid not in pending and all(_stream_id(eid) <= last for last in read_by_all)
+
+        return [
+            _exported(eid.decode(), _field(f, "event_id"), _field(f, "exam_session_id"), delivered(eid),
+                      _field(f, "payload"))
+            for eid, f in found
+        ]  # fmt: skip
+
     def _commit(self, also: AlsoWrite) -> None:
         assert self._sm is not None
         with self._sm.begin() as db:
@@ -200,6 +248,24 @@ class RedisOutbox:
 
 def _b(v: Any) -> bytes:
     return v if isinstance(v, bytes) else str(v).encode()
+
+
+def _field(fields: dict[Any, Any], name: str) -> str:
+    v = fields.get(name.encode(), fields.get(name))
+    return "" if v is None else _b(v).decode()
+
+
+def _stream_id(eid: bytes) -> tuple[int, int]:
+    ms, _, n = eid.decode().partition("-")
+    return int(ms), int(n or 0)
+
+
+def _exported(seq: int | str, event_id: str, sid: str, delivered: bool | None, payload: str) -> dict[str, Any]:
+    try:
+        alert: Any = json.loads(payload)
+    except ValueError:
+        alert = payload
+    return {"seq": seq, "event_id": event_id, "exam_session_id": sid, "delivered": delivered, "alert": alert}
 
 
 def _session_of(fields: dict[Any, Any]) -> bytes | None:

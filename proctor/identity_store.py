@@ -41,7 +41,6 @@ from livekit_proctor.db import (
     EmbeddingRow,
     EnrollmentRow,
     IdentityAuditRow,
-    OutboxRow,
     SessionRow,
     utcnow,
 )
@@ -479,8 +478,17 @@ class IdentityStore:
                 db.delete(r)
             return len(gone)
 
-    def export_candidate(self, candidate_id: str, who: Actor, *, include_vectors: bool = False) -> dict[str, Any]:
-        """Everything held about the candidate as JSON-ready dicts (see the module docstring on vectors)."""
+    def export_candidate(
+        self,
+        candidate_id: str,
+        who: Actor,
+        *,
+        alerts: list[dict[str, Any]],
+        include_vectors: bool = False,
+    ) -> dict[str, Any]:
+        """Everything held about the candidate as JSON-ready dicts (see the module docstring on vectors).
+        `alerts`: the candidate's alerts as the configured outbox holds them (AlertSink.export_sessions of
+        session_ids(), read by the caller: the outbox may be a SQL table or a Redis Stream)."""
         enr = self.get_enrollment(candidate_id, decrypt=include_vectors)
         out: dict[str, Any] = {"candidate_id": candidate_id, "exported_at": _iso(utcnow()), "enrollment": None}
         if enr is not None:
@@ -526,18 +534,7 @@ class IdentityStore:
                     .order_by(AuditRow.id)
                 )
             ]
-            out["alerts"] = [
-                {
-                    "seq": o.seq,
-                    "event_id": o.event_id,
-                    "exam_session_id": o.exam_session_id,
-                    "delivered": o.delivered_at is not None,
-                    "alert": _json(o.payload),
-                }
-                for o in db.scalars(
-                    select(OutboxRow).where(OutboxRow.exam_session_id.in_(sids)).order_by(OutboxRow.seq)
-                )
-            ]
+            out["alerts"] = alerts
             out["dead_letters"] = [
                 {"id": d.id, "lane": d.lane, "event_id": d.event_id, "alert": _json(d.payload)}
                 for d in db.scalars(select(DeadLetterRow).where(DeadLetterRow.exam_session_id.in_(sids)))

@@ -260,7 +260,7 @@ def test_delete_leaves_nothing_about_the_candidate_but_the_deletion_record(sm: s
         # The other candidate keeps everything.
         assert len(db.scalars(select(EmbeddingRow).where(EmbeddingRow.candidate_id == "cand-2")).all()) == 3
         assert len(db.scalars(select(OutboxRow).where(OutboxRow.exam_session_id == "sess-2")).all()) == 3
-    export = store.export_candidate("cand-1", ADMIN)
+    export = store.export_candidate("cand-1", ADMIN, alerts=[])
     assert export["enrollment"] is None and export["sessions"] == [] and export["alerts"] == []
     assert [a["action"] for a in export["identity_audit"]] == ["delete"]
 
@@ -287,7 +287,8 @@ def test_export_returns_everything_held_and_is_audited(sm: sessionmaker) -> None
     enr = store.replace_enrollment("cand-1", "exam-1", images(vs), ADMIN, metadata={"device": "cam"})
     _candidate_data(sm, "cand-1", "sess-1")
     store.record("verify", "cand-1", Who("proctor", "99990000"), {"match": False, "similarity_score": 0.1})
-    out = store.export_candidate("cand-1", ADMIN)
+    alerts = asyncio.run(SqlOutbox(sm, None).export_sessions(store.session_ids("cand-1")))
+    out = store.export_candidate("cand-1", ADMIN, alerts=alerts)
     json.dumps(out)  # JSON-ready
     e = out["enrollment"]
     assert e["enrollment_id"] == enr.enrollment_id and e["metadata"] == {"device": "cam"}
@@ -298,7 +299,7 @@ def test_export_returns_everything_held_and_is_audited(sm: sessionmaker) -> None
     assert len(out["alerts"]) == 2 and out["alerts"][0]["alert"]["thumbnail"] == {"data": "aGVsbG8="}
     assert len(out["dead_letters"]) == 1 and [a["action"] for a in out["session_audit"]] == ["session.start"]
     assert [a["action"] for a in out["identity_audit"]] == ["enroll", "verify"]
-    full = store.export_candidate("cand-1", ADMIN, include_vectors=True)
+    full = store.export_candidate("cand-1", ADMIN, alerts=[], include_vectors=True)
     assert np.allclose(full["enrollment"]["embeddings"][0]["vector"], vs[0]) and "template" in full["enrollment"]
     assert [a["action"] for a in store.audit_entries("cand-1")] == ["enroll", "verify", "export", "export"]
     assert store.audit_entries("cand-1")[-1]["result"]["vectors_included"] is True

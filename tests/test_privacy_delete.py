@@ -77,6 +77,13 @@ async def test_delete_removes_the_candidates_redis_outbox_entries_and_the_others
         in_hand = await busy.read(LANE, 2, 0.1)
         assert [json.loads(e.payload)["evidence"]["i"] for e in in_hand] == [3, 4]
 
+        with srv.http(ADMIN_KEY) as c:  # the export reads the configured outbox too
+            ex = c.get("/api/v1/privacy/export", params={"candidate_id": "x"}).json()
+        assert [a["alert"]["evidence"]["i"] for a in ex["alerts"]] == [
+            i for i, sid in enumerate(order) if sid[0] == "x"
+        ]
+        assert {a["delivered"] for a in ex["alerts"]} == {False}  # read at most, acknowledged by none
+
         rep = delete(srv, "x")
         assert sorted(rep["session_ids"]) == ["x-1", "x-2"]
         assert rep["deleted"]["outbox"] == 4  # every entry of x: queued, pending with "dead", in "busy"'s hands
@@ -230,6 +237,28 @@ async def test_redis_outbox_delete_pages_through_the_stream(redis_server: RedisS
         assert left == [1, 4]
     finally:
         await outbox.r.aclose()
+
+
+async def test_redis_outbox_export_says_which_entries_every_reader_has_acknowledged(redis_server: RedisServer) -> None:
+    outbox = RedisOutbox(aredis.from_url(redis_server.url), "proctor:alerts")
+    r = outbox.r
+    try:
+        for i, sid in enumerate(["x-1", "y-1", "x-1", "x-1"]):
+            await outbox.publish(alert(sid, sid[0], i))
+        got = await outbox.export_sessions(["x-1"])
+        assert [(a["alert"]["evidence"]["i"], a["delivered"]) for a in got] == [(0, None), (2, None), (3, None)]
+        await r.xgroup_create("proctor:alerts", "lane-a", id="0")
+        await r.xgroup_create("proctor:alerts", "lane-b", id="0")
+        read = await r.xreadgroup("lane-a", "c", {"proctor:alerts": ">"}, count=3)  # entries 0, 1, 2
+        await r.xack("proctor:alerts", "lane-a", read[0][1][0][0])  # lane a acknowledges entry 0 only
+        await r.xreadgroup("lane-b", "c", {"proctor:alerts": ">"}, count=4)
+        await r.xack("proctor:alerts", "lane-b", *[eid for eid, _ in (await r.xrange("proctor:alerts"))])
+        got = await outbox.export_sessions(["x-1"])
+        # 0: acknowledged by both lanes; 2: read but pending in lane a; 3: lane a has not read it yet.
+        assert [(a["alert"]["evidence"]["i"], a["delivered"]) for a in got] == [(0, True), (2, False), (3, False)]
+        assert all(a["exam_session_id"] == "x-1" and a["event_id"] for a in got)
+    finally:
+        await r.aclose()
 
 
 async def test_a_sessions_row_tells_its_node_whether_another_ended_restarted_or_deleted_it(tmp_path: Path) -> None:

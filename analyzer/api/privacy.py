@@ -40,7 +40,10 @@ async def export(
     """Everything held about the candidate. Embedding vectors are left out (derived biometric data); their
     ids, quality figures and key ids are in. The export itself leaves an audit record."""
     store: IdentityStore = request.app.state.identity
-    out: dict[str, Any] = await asyncio.to_thread(store.export_candidate, candidate_id, who)
+    sink: AlertSink = request.app.state.sink
+    # The alerts as the configured outbox holds them (SQL table or Redis Stream), read before the rest.
+    alerts = await sink.export_sessions(await asyncio.to_thread(store.session_ids, candidate_id))
+    out: dict[str, Any] = await asyncio.to_thread(store.export_candidate, candidate_id, who, alerts=alerts)
     sids = [s["id"] for s in out["sessions"]] + [
         a["target"] for a in out["session_audit"] if a["action"] == "session.start"
     ]

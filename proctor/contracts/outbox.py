@@ -35,6 +35,12 @@ class AlertSink(Protocol):
         reach."""
         ...
 
+    async def export_sessions(self, session_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Every alert of these sessions the outbox still holds, oldest first, for a privacy export:
+        {"seq", "event_id", "exam_session_id", "delivered", "alert"}. "delivered": True once every reader
+        (dispatcher lane / consumer group) has it, False before, None when the outbox cannot tell."""
+        ...
+
     def state(self) -> dict[str, object]:
         """Shown in readiness and admin stats; "ok": False while appends fail."""
         ...
