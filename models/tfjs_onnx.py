@@ -64,7 +64,6 @@ def patch_json(src: Path, dst: Path) -> int:
     return patched
 
 
-
 # ---- steps run inside the conversion venv ----------------------------------------------------------
 
 

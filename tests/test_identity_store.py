@@ -238,8 +238,15 @@ def test_delete_leaves_nothing_about_the_candidate_but_the_deletion_record(sm: s
         db.add(AuditRow(actor="system:x", action="session.start", target="sess-old", detail={"candidate_id": "cand-1"}))
         db.add(OutboxRow(event_id=str(uuid.uuid4()), exam_session_id="sess-old", event_type="FACE_MISSING",
                          payload=_alert("sess-old"), created_at=1.0))  # fmt: skip
-        db.add(OutboxRow(event_id=str(uuid.uuid4()), exam_session_id="sess-2", event_type="FACE_MISSING",
-                         payload=_alert("sess-2"), created_at=1.0))  # the newest row: another candidate's
+        db.add(
+            OutboxRow(
+                event_id=str(uuid.uuid4()),
+                exam_session_id="sess-2",
+                event_type="FACE_MISSING",
+                payload=_alert("sess-2"),
+                created_at=1.0,
+            )
+        )  # the newest row: another candidate's
     rep, outbox = _delete(store, sm, "cand-1")
     assert rep.session_ids == ["sess-1", "sess-old"]
     assert outbox == {"outbox": 3, "outbox_redacted": 0}

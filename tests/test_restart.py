@@ -57,8 +57,9 @@ class Serve:
         path = self.data_dir.parent / f"serve-{self.port}.log"
         offset = path.stat().st_size if path.exists() else 0  # the log of this start only (restarts append)
         with path.open("ab") as log:
-            self.p = subprocess.Popen([sys.executable, "-m", "livekit_proctor.cli", "serve"], env=self.env,
-                                      stdout=log, stderr=log)
+            self.p = subprocess.Popen(
+                [sys.executable, "-m", "livekit_proctor.cli", "serve"], env=self.env, stdout=log, stderr=log
+            )
         wait_serving(self.p, lambda: path.read_bytes()[offset:].decode(errors="replace"))
         return self
 

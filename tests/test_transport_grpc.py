@@ -418,8 +418,10 @@ def test_ensure_generated_concurrent(tmp_path: Path) -> None:
     for th in threads:
         th.start()
     procs = [
-        subprocess.Popen([sys.executable, "-m", "livekit_proctor.protogen", "--proto-dir", str(proto),
-                          "--package", "gentest"], cwd=REPO)
+        subprocess.Popen(
+            [sys.executable, "-m", "livekit_proctor.protogen", "--proto-dir", str(proto), "--package", "gentest"],
+            cwd=REPO,
+        )
         for _ in range(2)
     ]
     for th in threads:

@@ -100,8 +100,6 @@ def metadata(name: str) -> dict[str, str]:
     }
 
 
-
-
 # ---- steps run with the project's python (stdlib only) ------------------------------------------------
 
 
