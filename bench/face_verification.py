@@ -49,10 +49,10 @@ from livekit_proctor.analyzer.detectors.faceembed import (  # noqa: E402
     Alignment,
     FaceEmbedder,
     FaceEmbedding,
+    Preprocess,
     align,
     alignment_matrix,
     face_quality,
-    Preprocess,
     match_score,
     verification_problem,
 )

@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis.asyncio as aredis
@@ -47,7 +48,8 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 async def out_stream(url: str, stream: str = "proctoring.alerts.v1") -> list[dict[str, str]]:
     r = aredis.from_url(url, decode_responses=True)
     try:
-        return [f for _, f in await r.xrange(stream)]
+        entries = cast(list[tuple[str, dict[str, str]]], await r.xrange(stream))  # decoded: str, not bytes
+        return [f for _, f in entries]
     finally:
         await r.aclose()
 

@@ -32,7 +32,7 @@ from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransp
 from livekit_proctor.settings import Settings
 from tests.conftest import LiveServer
 from tests.conftest import eventually as wait_until
-from tests.servers import RedisServer, free_port, wait_port
+from tests.servers import RedisServer, free_port, stream_entries, wait_port
 
 DAY = 86400.0
 FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
@@ -126,7 +126,7 @@ async def test_purge_removes_delivered_expired_rows_and_keeps_what_a_lane_has_no
     await d2.start()
     await wait_until(lambda: delivered(15))
     await d2.stop()
-    got = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in await r.xrange("out")]
+    got = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in stream_entries(await r.xrange("out"))]
     await r.aclose()
     assert got == list(range(15))
     rep = purge(s, sm, now=time.time() + 8 * DAY)
@@ -350,7 +350,7 @@ async def test_redis_outbox_is_trimmed_below_what_every_lane_acknowledged(
     assert purge(s, sm, now=later, dry_run=True).redis == 6
     rep = purge(s, sm, now=later)
     assert (rep.redis, rep.held_by) == (6, ["redis"])
-    left = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in await r.xrange(s.outbox_stream)]
+    left = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in stream_entries(await r.xrange(s.outbox_stream))]
     await r.aclose()
     await outbox.r.aclose()
     assert left == [6, 7, 8]
