@@ -13,6 +13,7 @@ from typing import cast
 
 import pytest
 import redis.asyncio as aredis
+from sqlalchemy.orm import sessionmaker
 
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from livekit_proctor.db import DeadLetterRow, make_engine, make_sessionmaker
@@ -36,7 +37,7 @@ def alert(i: int, session: str = "s1") -> Alert:
 
 
 @pytest.fixture
-def sm(tmp_path: Path):  # type: ignore[no-untyped-def]
+def sm(tmp_path: Path) -> sessionmaker:
     return make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'd.db'}"))
 
 

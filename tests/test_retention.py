@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aredis
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.orm import sessionmaker
 
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from livekit_proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow, make_engine, make_sessionmaker
@@ -55,12 +56,12 @@ def settings(tmp: Path, **kw: object) -> Settings:
     return Settings(data_dir=tmp, **kw)  # type: ignore[arg-type]
 
 
-def seqs(sm) -> list[int]:  # type: ignore[no-untyped-def]
+def seqs(sm: sessionmaker) -> list[int]:
     with sm() as db:
         return list(db.scalars(select(OutboxRow.seq).order_by(OutboxRow.seq)))
 
 
-def age_rows(sm, seconds: float, *where) -> None:  # type: ignore[no-untyped-def]
+def age_rows(sm: sessionmaker, seconds: float, *where: ColumnElement[bool]) -> None:
     with sm.begin() as db:
         db.execute(update(OutboxRow).where(*where).values(created_at=OutboxRow.created_at - seconds))
 
@@ -74,7 +75,7 @@ def loose_umask() -> Iterator[None]:
 
 
 @pytest.fixture
-def sm(tmp_path: Path):  # type: ignore[no-untyped-def]
+def sm(tmp_path: Path) -> sessionmaker:
     return make_sessionmaker(make_engine(settings(tmp_path).resolved_database_url()))
 
 
