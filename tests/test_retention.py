@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -52,8 +53,8 @@ def mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 
-def settings(tmp: Path, **kw: object) -> Settings:
-    return Settings(data_dir=tmp, **kw)  # type: ignore[arg-type]
+def settings(tmp: Path, **kw: Any) -> Settings:
+    return Settings(data_dir=tmp, **kw)
 
 
 def seqs(sm: sessionmaker) -> list[int]:
