@@ -46,8 +46,10 @@ from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector  # no
 from livekit_proctor.analyzer.detectors.faceembed import (  # noqa: E402
     DEFAULT_MARGIN,
     MATCH_THRESHOLD,
+    Alignment,
     FaceEmbedder,
     FaceEmbedding,
+    Preprocess,
     align,
     alignment_matrix,
     face_quality,
@@ -56,9 +58,9 @@ from livekit_proctor.analyzer.detectors.faceembed import (  # noqa: E402
 )
 from livekit_proctor.analyzer.detectors.facemesh import MediapipeFaceMesh  # noqa: E402
 
-ALIGNMENTS = ("mesh", "keypoints", "box")
+ALIGNMENTS: tuple[Alignment, ...] = ("mesh", "keypoints", "box")
 MARGINS = (0.0, 0.1, 0.2, 0.3)
-PREPROCESS = ("bgr", "bgr_mean")
+PREPROCESS: tuple[Preprocess, ...] = ("bgr", "bgr_mean")
 ENROLL_FRAMES = 3
 
 
@@ -138,12 +140,12 @@ def prepare(data: Path, rel: str, det: BlazeFaceDetector, mesher: MediapipeFaceM
     return Image(rel, rgb, face, mesh)
 
 
-def embed_all(images: list[Image], emb: FaceEmbedder, use: str) -> dict[str, np.ndarray]:
+def embed_all(images: list[Image], emb: FaceEmbedder, use: Alignment) -> dict[str, np.ndarray]:
     out = {}
     for im in images:
         if im.face is None:
             continue
-        m, _ = alignment_matrix(im.face, im.mesh, emb.margin, use)  # type: ignore[arg-type]
+        m, _ = alignment_matrix(im.face, im.mesh, emb.margin, use)
         out[im.rel] = emb.embed_aligned([align(im.rgb, m)])[0]
     return out
 
@@ -155,7 +157,9 @@ def score(e: dict[str, np.ndarray], a: str, b: str) -> float | None:
 
 
 def photo_scores(pairs: list[tuple[str, str, int]], e: dict[str, np.ndarray]) -> tuple[list[float], list[float], int]:
-    gen, imp, missing = [], [], 0
+    gen: list[float] = []
+    imp: list[float] = []
+    missing = 0
     for a, b, same in pairs:
         s = score(e, a, b)
         if s is None:
@@ -186,7 +190,8 @@ def template_scores(frames: list[Image], e: dict[str, np.ndarray], how: str) -> 
         fs.sort(key=lambda f: f.time_s)
         enrolled[subj] = [f.rel for f in fs[:ENROLL_FRAMES]]
     enrolled_files = {r for rs in enrolled.values() for r in rs}
-    gen, imp = [], []
+    gen: list[float] = []
+    imp: list[float] = []
     for subj, rels in enrolled.items():
         embs = np.stack([e[r] for r in rels])
         mean = embs.mean(axis=0)
@@ -259,27 +264,27 @@ def main() -> None:
     for pre in PREPROCESS:
         for use in ALIGNMENTS:
             for margin in MARGINS:
-                emb = FaceEmbedder(margin=margin, preprocess=pre)  # type: ignore[arg-type]
+                emb = FaceEmbedder(margin=margin, preprocess=pre)
                 e_ph = embed_all(photos, emb, use)
                 e_wc = embed_all(frames, emb, use)
                 g, i, _ = photo_scores(pairs, e_ph)
-                r = {
+                rocs = {
                     "photos": roc(g, i),
                     "webcam": roc(*split(webcam_pairs(single, e_wc))),
                     "webcam+peer": roc(*split(webcam_pairs(frames, e_wc))),
                     "template_mean": roc(*template_scores(single, e_wc, "mean")),
                     "template_max": roc(*template_scores(single, e_wc, "max")),
                 }
-                results[(use, margin, pre)] = r
+                results[(use, margin, pre)] = rocs
                 print(
                     f"{pre:8s} {use:9s} margin {margin:.1f}: "
-                    + " | ".join(f"{100 * x.eer:4.1f}% {x.auc:.3f}" for x in r.values())
+                    + " | ".join(f"{100 * x.eer:4.1f}% {x.auc:.3f}" for x in rocs.values())
                 )
 
     default = ("mesh", DEFAULT_MARGIN, "bgr_mean")
     print(f"\n== default: {default[0]} alignment, margin {default[1]}, {default[2]}")
-    for name, r in results[default].items():
-        print(f"{name:14s} {r.row()}")
+    for name, rc in results[default].items():
+        print(f"{name:14s} {rc.row()}")
 
     emb = FaceEmbedder()
     e_ph = embed_all(photos, emb, "mesh")

@@ -11,9 +11,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import cv2
 import httpx
@@ -194,7 +194,7 @@ class StreamClient:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, url: str):  # type: ignore[no-untyped-def]
+    async def connect(cls, url: str) -> AsyncIterator[Self]:
         async with StreamConnection.connect(url, strict=True, max_size=None) as conn:
             c = cls(conn)
             try:
@@ -243,7 +243,7 @@ class StreamClient:
     def alerts(self) -> list[dict[str, Any]]:
         return [m["alert"] for m in self.of_type("alert")]
 
-    async def wait_for(self, pred, timeout: float = 60.0) -> dict[str, Any]:  # type: ignore[no-untyped-def]  # noqa: ASYNC109
+    async def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> dict[str, Any]:  # noqa: ASYNC109
         deadline = time.time() + timeout
         while time.time() < deadline:
             for m in self.messages:

@@ -9,9 +9,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from redis.typing import StreamRangeResponse
 
 
 def free_port() -> int:
@@ -37,6 +38,13 @@ def wait_serving(proc: subprocess.Popen[Any], output: Callable[[], str]) -> None
     while "Uvicorn running on" not in output():
         assert proc.poll() is None, f"proctor serve exited ({proc.returncode}) before listening:\n{output()[-3000:]}"
         time.sleep(0.1)
+
+
+def stream_entries(reply: StreamRangeResponse | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """An XRANGE reply as a client without decode_responses returns it: [(entry id, {field: value})]. redis-py
+    annotates ids and fields as bytes | str and the reply and each entry's fields as optional, to cover every
+    client mode."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], reply)
 
 
 class RedisServer:

@@ -207,10 +207,12 @@ def test_candidates_and_proctors_are_told_apart() -> None:
     bot = room.join("bot", candidate("s-4"), kind=rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
     half = room.join("h", {"role": "candidate", "exam_session_id": "s-5"})
     bad = room.join("x", candidate("bad id!"))
-    assert candidate_info(a) is not None and candidate_info(a).exam_session_id == "s-1"  # type: ignore[union-attr]
+    info = candidate_info(a)
+    assert info is not None and info.exam_session_id == "s-1"
     info = candidate_info(m)
     assert info is not None and (info.candidate_id, info.frontend_instance_id) == ("cand-2", "fe-1")
-    assert candidate_info(both).exam_session_id == "s-3"  # type: ignore[union-attr]
+    info = candidate_info(both)
+    assert info is not None and info.exam_session_id == "s-3"
     assert role_of(p) is Role.PROCTOR and candidate_info(p) is None
     assert role_of(bot) is Role.AGENT and candidate_info(bot) is None
     assert candidate_info(half) is None and candidate_info(bad) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from livekit_proctor.settings import Settings
 
 
 @pytest.fixture
-async def manager(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def manager(tmp_path: Path) -> AsyncIterator[SessionManager]:
     s = Settings(data_dir=tmp_path, audio_queue_seconds=1.0)
     sm = make_sessionmaker(make_engine(s.resolved_database_url()))
     metrics = Metrics()

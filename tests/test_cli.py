@@ -71,7 +71,7 @@ def test_analyze_recording_gives_alerts_at_their_offsets(tmp_path: Path, oep: li
     assert img is not None
     h, w = img.shape[:2]
     path = tmp_path / "exam.avi"
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (w, h))
     for i in range(130):
         vw.write(img if i < 30 or i >= 100 else np.zeros_like(img))
     vw.release()
@@ -103,7 +103,7 @@ def test_analyze_shows_progress_on_a_terminal(tmp_path: Path) -> None:
     import pty
 
     path = tmp_path / "dark.avi"
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (160, 120))
     for _ in range(20):
         vw.write(np.zeros((120, 160, 3), np.uint8))
     vw.release()

@@ -194,7 +194,9 @@ def test_health_check_paths_are_served() -> None:
         if role not in sources:
             continue
         code = " ".join(healthcheck_argv(svc["healthcheck"]["test"]))
-        path = urlsplit(re.search(r"http://[^'\"]+", code).group(0)).path  # type: ignore[union-attr]
+        url = re.search(r"http://[^'\"]+", code)
+        assert url is not None, f"{name}: no URL in its healthcheck"
+        path = urlsplit(url.group(0)).path
         assert f'"{path}"' in sources[role], f"{name}: {path} is not a route of `{role}`"
 
 

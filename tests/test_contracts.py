@@ -112,7 +112,7 @@ def test_alert_validates_fields() -> None:
         Alert(
             exam_session_id="s",
             candidate_id="c",
-            event_type="NOPE",  # type: ignore[arg-type]  # not an event type, on purpose
+            event_type="NOPE",  # not an event type, on purpose
             severity_score=0.5,
             ai_model_source="m",
             metadata=AlertMetadata(node_id="n", worker_id="w"),

@@ -9,9 +9,11 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis.asyncio as aredis
+from sqlalchemy.orm import sessionmaker
 
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from livekit_proctor.db import DeadLetterRow, make_engine, make_sessionmaker
@@ -35,7 +37,7 @@ def alert(i: int, session: str = "s1") -> Alert:
 
 
 @pytest.fixture
-def sm(tmp_path: Path):  # type: ignore[no-untyped-def]
+def sm(tmp_path: Path) -> sessionmaker:
     return make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'd.db'}"))
 
 
@@ -47,7 +49,8 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 async def out_stream(url: str, stream: str = "proctoring.alerts.v1") -> list[dict[str, str]]:
     r = aredis.from_url(url, decode_responses=True)
     try:
-        return [f for _, f in await r.xrange(stream)]
+        entries = cast(list[tuple[str, dict[str, str]]], await r.xrange(stream))  # decoded: str, not bytes
+        return [f for _, f in entries]
     finally:
         await r.aclose()
 

@@ -41,7 +41,7 @@ from sqlalchemy.orm import sessionmaker
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from livekit_proctor.db import CursorRow, DeadLetterRow, OutboxRow, make_engine, make_sessionmaker
 from livekit_proctor.dispatcher.outbox import SqlOutbox
-from tests.servers import RedisServer, free_port, wait_port
+from tests.servers import RedisServer, free_port, stream_entries, wait_port
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,7 @@ class Targets:
             self._offset[k] += end
             self._add(k, data[:end].decode(errors="replace").split())
         with contextlib.suppress(sync_redis.RedisError):  # Redis is down right now: try again next time
-            while entries := self.r.xrange("proctoring.alerts.v1", min=f"({self._last_id}", count=1000):
+            while entries := stream_entries(self.r.xrange("proctoring.alerts.v1", min=f"({self._last_id}", count=1000)):
                 self._last_id = entries[-1][0].decode()
                 self._add("redis", [f[b"event_id"].decode() for _, f in entries])
         return self.sets

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,13 @@ def face_jpeg() -> bytes:
     return cv2.imencode(".jpg", np.full((480, 640, 3), 128, np.uint8))[1].tobytes()
 
 
-def ended(event_type: str):  # type: ignore[no-untyped-def]
+def ended(event_type: str) -> Callable[[dict[str, Any]], bool]:
     return lambda m: (
         m["type"] == "alert" and m["alert"]["event_type"] == event_type and m["alert"]["incident_state"] == "ended"
     )
 
 
-def started(event_type: str):  # type: ignore[no-untyped-def]
+def started(event_type: str) -> Callable[[dict[str, Any]], bool]:
     return lambda m: (
         m["type"] == "alert" and m["alert"]["event_type"] == event_type and m["alert"]["incident_state"] == "started"
     )

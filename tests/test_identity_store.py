@@ -118,7 +118,9 @@ def test_re_enrollment_replaces_the_template_and_is_audited(sm: sessionmaker) ->
     assert second.enrollment_id != first.enrollment_id
     assert second.created_at == first.created_at and second.replaced_at is not None
     assert second.exam_id == "exam-2" and len(second.embeddings) == 4
-    assert all(np.array_equal(e.vector, v) for e, v in zip(second.embeddings, new, strict=True))
+    assert all(
+        e.vector is not None and np.array_equal(e.vector, v) for e, v in zip(second.embeddings, new, strict=True)
+    )
     with sm() as db:
         assert db.scalar(select(EnrollmentRow).where(EnrollmentRow.enrollment_id == first.enrollment_id)) is None
         assert len(db.scalars(select(EmbeddingRow)).all()) == 4
@@ -142,7 +144,10 @@ def test_rotation_old_rows_stay_readable_then_re_encrypt_retires_the_old_key(sm:
     for cid, seed in (("cand-1", 1), ("cand-2", 2)):
         got = only_k2.get_enrollment(cid)
         assert got is not None and got.template is not None
-        assert all(np.array_equal(e.vector, v) for e, v in zip(got.embeddings, vectors(3, seed), strict=True))
+        assert all(
+            e.vector is not None and np.array_equal(e.vector, v)
+            for e, v in zip(got.embeddings, vectors(3, seed), strict=True)
+        )
         assert {e.key_id for e in got.embeddings} == {crypto.key_id(K2)}
     assert rotate(sm, ring2).rows == 0  # idempotent
 
@@ -198,7 +203,9 @@ def test_cli_rotate_embeddings_with_a_new_key_file_key(tmp_path: Path) -> None:
     assert ring2.current != ring1.current and list(ring2.keys) == [ring2.current]  # the old key is gone
     assert r.stdout.startswith(f"re-encrypted 4 ciphertexts with key {ring2.current}")
     got = IdentityStore(sm, ring2).get_enrollment("cand-1")
-    assert got is not None and all(np.array_equal(e.vector, v) for e, v in zip(got.embeddings, vs, strict=True))
+    assert got is not None and all(
+        e.vector is not None and np.array_equal(e.vector, v) for e, v in zip(got.embeddings, vs, strict=True)
+    )
     engine.dispose()
 
 
@@ -369,7 +376,11 @@ def test_listeners_hear_each_committed_change_and_ids_are_read_without_keys(sm: 
     # re-check by which those of another analyzer see it.
     store = IdentityStore(sm, KeyRing.of(K1))
     heard: list[str] = []
-    store.enrollment_listeners.append(lambda cid: 1 / 0)  # a failing listener is logged; the change stands
+
+    def failing(cid: str) -> None:
+        raise ZeroDivisionError(cid)
+
+    store.enrollment_listeners.append(failing)  # a failing listener is logged; the change stands
     store.enrollment_listeners.append(heard.append)
     store.replace_enrollment("cand-1", None, images(vectors(3, seed=1)), ADMIN)
     again = store.replace_enrollment("cand-1", None, images(vectors(3, seed=2)), ADMIN)

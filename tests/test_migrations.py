@@ -126,7 +126,7 @@ def old_release_database(url: str, *, without: tuple[str, ...] = ()) -> None:
     with Session(engine) as db, db.begin():
         db.add(OldApiKey(key_hash="h" * 64, role="system", label="backend", created_at=NOW))
         # Core, naming only the columns every old release had (the ORM would name all of them).
-        db.execute(insert(OldSession.__table__).values(
+        db.execute(insert(Old.metadata.tables[OldSession.__tablename__]).values(
             id="s-1", candidate_id="c-1", exam_id="e-1", state="active", policy={"p": 1}, metadata={"m": 1},
             counters={"frames": 3}, created_at=NOW, expires_at=NOW))  # fmt: skip
         db.add(OldOutbox(event_id=str(uuid.uuid4()), exam_session_id="s-1", event_type="FACE_MISSING",

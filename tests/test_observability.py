@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,14 @@ def test_cli_reports_a_bad_exporter_in_one_plain_line(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def _by_name(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
+def _by_name(spans: Sequence[ReadableSpan], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
+
+
+def _attr(s: ReadableSpan, key: str) -> object:
+    """A finished span's attribute (the SDK types attributes as optional; a finished span always has them)."""
+    assert s.attributes is not None, s.name
+    return s.attributes[key]
 
 
 async def test_a_frame_alert_is_one_trace_from_frame_to_webhook(
@@ -170,18 +176,28 @@ async def test_a_frame_alert_is_one_trace_from_frame_to_webhook(
     # The alert's traceparent names its outbox append span, a child of the frame span that raised it.
     (append,) = [s for s in _by_name(finished, "outbox append") if format(s.context.span_id, "016x") == span_hex]
     assert format(append.context.trace_id, "032x") == trace_hex
-    assert append.attributes["proctor.event_id"] == alert["event_id"]
+    assert _attr(append, "proctor.event_id") == alert["event_id"]
+    assert append.parent is not None
     (frame,) = [s for s in _by_name(finished, "analyze frame") if s.context.span_id == append.parent.span_id]
     assert frame.context.trace_id == append.context.trace_id
-    assert frame.attributes["proctor.session_id"] == "trace-1"
+    assert _attr(frame, "proctor.session_id") == "trace-1"
 
     # Within that frame: JPEG decode, each model that ran (in an inference thread), the rules.
     children = [s for s in finished if s.parent is not None and s.parent.span_id == frame.context.span_id]
     names = {s.name for s in children}
     assert {"decode jpeg", "evaluate rules", "outbox append"} <= names, names
     models = [s for s in children if s.name.startswith("model ")]
-    assert any(s.attributes["proctor.model"].startswith("mediapipe.blazeface") for s in models), names
-    assert all(frame.start_time <= s.start_time and s.end_time <= frame.end_time for s in children)
+    assert any(
+        isinstance(m := _attr(s, "proctor.model"), str) and m.startswith("mediapipe.blazeface") for s in models
+    ), names
+    assert frame.start_time is not None and frame.end_time is not None
+    assert all(
+        s.start_time is not None
+        and s.end_time is not None
+        and frame.start_time <= s.start_time
+        and s.end_time <= frame.end_time
+        for s in children
+    )
 
     # Every analysed frame has its span and its models; a frame without an alert has no outbox span.
     frames = _by_name(finished, "analyze frame")
@@ -189,11 +205,12 @@ async def test_a_frame_alert_is_one_trace_from_frame_to_webhook(
 
     # The webhook delivery continues the alert's trace, under the outbox append.
     webhook = _by_name(finished, "dispatch webhook")
-    deliveries = [s for s in webhook if s.attributes["proctor.event_id"] == alert["event_id"]]
+    deliveries = [s for s in webhook if _attr(s, "proctor.event_id") == alert["event_id"]]
     assert deliveries, [s.attributes for s in webhook]
     d = deliveries[0]
+    assert d.parent is not None
     assert d.context.trace_id == append.context.trace_id and d.parent.span_id == append.context.span_id
-    assert d.attributes["proctor.transport"] == "webhook"
+    assert _attr(d, "proctor.transport") == "webhook"
 
     # Logs of the session carry its id; uvicorn's WebSocket line too, with the stream token redacted.
     records = logs.records()

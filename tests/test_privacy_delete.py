@@ -31,7 +31,7 @@ from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransp
 from livekit_proctor.settings import Settings
 from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, load_rgb, stream_url
 from tests.conftest import eventually as wait_until
-from tests.servers import RedisServer
+from tests.servers import RedisServer, stream_entries
 from tests.test_postgres import pg_url  # noqa: F401  (the fixture: one PostgreSQL server for this module)
 
 FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
@@ -89,7 +89,7 @@ async def test_delete_removes_the_candidates_redis_outbox_entries_and_the_others
         assert rep["deleted"]["outbox"] == 4  # every entry of x: queued, pending with "dead", in "busy"'s hands
         assert rep["deleted"]["outbox_pending"] == 3  # x-1, x-2 pending with "dead"; x-1 with "busy"
 
-        entries = await r.xrange(stream)
+        entries = stream_entries(await r.xrange(stream))
         assert {f[b"exam_session_id"] for _, f in entries} == {b"y-1"}
         assert b"thumbnail" in entries[0][1][b"payload"]  # y's alerts are intact
         pending = await r.xpending_range(stream, group, min="-", max="+", count=100)
@@ -110,7 +110,7 @@ async def test_delete_removes_the_candidates_redis_outbox_entries_and_the_others
         want = {i for i, sid in enumerate(order) if sid == "y-1"} - {4}  # 4 was acknowledged by "busy"
 
         async def delivered() -> set[int]:
-            return {json.loads(f[b"payload"])["evidence"]["i"] for _, f in await r.xrange("out")}
+            return {json.loads(f[b"payload"])["evidence"]["i"] for _, f in stream_entries(await r.xrange("out"))}
 
         async def done() -> bool:
             return await delivered() >= want and (await r.xpending(stream, group))["pending"] == 0
@@ -150,7 +150,7 @@ async def test_a_lane_retrying_an_alert_deleted_meanwhile_drops_it(
         out = aredis.from_url(backend.url)
 
         async def sent() -> list[int]:
-            return [json.loads(f[b"payload"])["evidence"]["i"] for _, f in await out.xrange("out")]
+            return [json.loads(f[b"payload"])["evidence"]["i"] for _, f in stream_entries(await out.xrange("out"))]
 
         await wait_until(lambda: d.states[LANE].delivered >= 2, what="y's alerts delivered")
         assert await sent() == [1, 3]

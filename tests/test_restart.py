@@ -160,7 +160,9 @@ def test_the_expiry_sweep_covers_sessions_nobody_reconnected_to(tmp_path: Path) 
         def sweeps() -> float:
             assert srv.p is not None and srv.p.poll() is None, "proctor serve died"
             text = httpx.get(srv.base + "/metrics", timeout=30).text
-            return float(re.search(r"^proctor_expiry_sweeps_total (\S+)$", text, flags=re.M)[1])  # type: ignore[index]
+            m = re.search(r"^proctor_expiry_sweeps_total (\S+)$", text, flags=re.M)
+            assert m is not None, text
+            return float(m[1])
 
         # The TTL is wall time by definition; then a sweep that began after it must have ended the session,
         # however long that sweep took to come round on a busy machine.

@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aredis
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.orm import sessionmaker
 
 from livekit_proctor.contracts.alerts import Alert, AlertMetadata, EventType
 from livekit_proctor.db import AuditRow, CursorRow, DeadLetterRow, LeaseRow, OutboxRow, make_engine, make_sessionmaker
@@ -32,7 +34,7 @@ from livekit_proctor.dispatcher.transports.redis_stream import RedisStreamTransp
 from livekit_proctor.settings import Settings
 from tests.conftest import LiveServer
 from tests.conftest import eventually as wait_until
-from tests.servers import RedisServer, free_port, wait_port
+from tests.servers import RedisServer, free_port, stream_entries, wait_port
 
 DAY = 86400.0
 FAST = RetryPolicy(first_s=0.01, max_s=0.05, factor=2.0, jitter=0.0, max_attempts=3)
@@ -51,16 +53,16 @@ def mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 
-def settings(tmp: Path, **kw: object) -> Settings:
-    return Settings(data_dir=tmp, **kw)  # type: ignore[arg-type]
+def settings(tmp: Path, **kw: Any) -> Settings:
+    return Settings(data_dir=tmp, **kw)
 
 
-def seqs(sm) -> list[int]:  # type: ignore[no-untyped-def]
+def seqs(sm: sessionmaker) -> list[int]:
     with sm() as db:
         return list(db.scalars(select(OutboxRow.seq).order_by(OutboxRow.seq)))
 
 
-def age_rows(sm, seconds: float, *where) -> None:  # type: ignore[no-untyped-def]
+def age_rows(sm: sessionmaker, seconds: float, *where: ColumnElement[bool]) -> None:
     with sm.begin() as db:
         db.execute(update(OutboxRow).where(*where).values(created_at=OutboxRow.created_at - seconds))
 
@@ -74,7 +76,7 @@ def loose_umask() -> Iterator[None]:
 
 
 @pytest.fixture
-def sm(tmp_path: Path):  # type: ignore[no-untyped-def]
+def sm(tmp_path: Path) -> sessionmaker:
     return make_sessionmaker(make_engine(settings(tmp_path).resolved_database_url()))
 
 
@@ -126,7 +128,7 @@ async def test_purge_removes_delivered_expired_rows_and_keeps_what_a_lane_has_no
     await d2.start()
     await wait_until(lambda: delivered(15))
     await d2.stop()
-    got = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in await r.xrange("out")]
+    got = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in stream_entries(await r.xrange("out"))]
     await r.aclose()
     assert got == list(range(15))
     rep = purge(s, sm, now=time.time() + 8 * DAY)
@@ -350,7 +352,7 @@ async def test_redis_outbox_is_trimmed_below_what_every_lane_acknowledged(
     assert purge(s, sm, now=later, dry_run=True).redis == 6
     rep = purge(s, sm, now=later)
     assert (rep.redis, rep.held_by) == (6, ["redis"])
-    left = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in await r.xrange(s.outbox_stream)]
+    left = [json.loads(f[b"payload"])["evidence"]["i"] for _, f in stream_entries(await r.xrange(s.outbox_stream))]
     await r.aclose()
     await outbox.r.aclose()
     assert left == [6, 7, 8]

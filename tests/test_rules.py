@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from livekit_proctor.analyzer.detectors.base import Box, Face
 from livekit_proctor.analyzer.rules.engine import RuleEngine
+from livekit_proctor.analyzer.rules.incident import RuleEvent
 from livekit_proctor.analyzer.rules.policy import effective_policy
 from livekit_proctor.analyzer.signals import FrameSignals
 from livekit_proctor.contracts.api import SessionStartRequest
@@ -13,13 +16,13 @@ from livekit_proctor.contracts.api import SessionStartRequest
 FACE = Face(Box(100, 100, 80, 80), 0.9)
 
 
-def engine(**kw) -> RuleEngine:  # type: ignore[no-untyped-def]
+def engine(**kw: Any) -> RuleEngine:
     req = SessionStartRequest(exam_session_id="s", candidate_id="c", exam_id="e", **kw)
     return RuleEngine(effective_policy(req, 5.0))
 
 
-def run(e: RuleEngine, counts: list[tuple[float, int]]) -> list:  # type: ignore[type-arg]
-    out = []
+def run(e: RuleEngine, counts: list[tuple[float, int]]) -> list[RuleEvent]:
+    out: list[RuleEvent] = []
     for i, (t, n) in enumerate(counts):
         out += e.observe(FrameSignals(seq=i, ts=t, width=640, height=480, faces=[FACE] * n, model="m"))
     return out

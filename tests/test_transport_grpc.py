@@ -256,7 +256,13 @@ def _make_pki(d: Path) -> dict[str, Path]:
         )
         (d / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(cn: str, issuer_key: ec.EllipticCurvePrivateKey | None, issuer: x509.Name | None, **kw: object) -> tuple:
+    def issue(
+        cn: str,
+        issuer_key: ec.EllipticCurvePrivateKey | None,
+        issuer: x509.Name | None,
+        usage: x509.ObjectIdentifier | None = None,
+        san: list[x509.GeneralName] | None = None,
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
         b = (
             x509.CertificateBuilder()
@@ -271,14 +277,15 @@ def _make_pki(d: Path) -> dict[str, Path]:
             b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         else:
             b = b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            b = b.add_extension(x509.ExtendedKeyUsage([kw["usage"]]), critical=False)
-            if "san" in kw:
-                b = b.add_extension(x509.SubjectAlternativeName(kw["san"]), critical=False)
+            assert usage is not None  # a leaf certificate says what it is for
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            if san is not None:
+                b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return key, b.sign(issuer_key or key, hashes.SHA256())
 
     ca_key, ca_cert = issue("test-ca", None, None)
     write("ca", ca_key, ca_cert)
-    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    san: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     write("server", *issue("localhost", ca_key, ca_cert.subject, usage=ExtendedKeyUsageOID.SERVER_AUTH, san=san))
     write("client", *issue("dispatcher", ca_key, ca_cert.subject, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
     return {k: d / k for k in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
