@@ -170,7 +170,7 @@ class StreamConnection:
 
     @property
     def close_code(self) -> int | None:
-        return self.ws.close_code  # type: ignore[no-any-return]
+        return self.ws.close_code
 
     @property
     def close_reason(self) -> str:
