@@ -63,6 +63,7 @@ from livekit_proctor.analyzer.rules.engine import RuleEngine  # noqa: E402
 from livekit_proctor.analyzer.rules.policy import effective_policy  # noqa: E402
 from livekit_proctor.analyzer.rules.spoof import SpoofRule, stages_off  # noqa: E402
 from livekit_proctor.contracts.api import SessionStartRequest  # noqa: E402
+from tests.synthetic import photo_attack, video_frames  # noqa: E402
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 ATTACK_WORDS = ("spoof", "print", "screen", "replay", "attack", "fake")
@@ -286,17 +287,7 @@ def rule_run(models: ModelSet, frames: Frames) -> dict[str, Any]:
 
 
 def sampled_video(path: Path) -> Frames:
-    cap = cv2.VideoCapture(str(path))
-    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    step, i = max(1, round(fps / VIDEO_FPS)), 0
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        if i % step == 0:
-            yield i / fps, np.ascontiguousarray(bgr[:, :, ::-1])
-        i += 1
-    cap.release()
+    return video_frames(path, VIDEO_FPS)
 
 
 def oep_slideshow(data: Path, rows: list[dict[str, str]], hold_s: float, noise: float = 3.0) -> Frames:
@@ -311,21 +302,9 @@ def oep_slideshow(data: Path, rows: list[dict[str, str]], hold_s: float, noise: 
 
 def identity_photo_attack(data: Path, seconds: float = 20.0, size: tuple[int, int] = (640, 480)) -> Frames:
     """SYNTHETIC: the identity photo (300 px tall) pasted unchanged over a coarse texture scrolling 12 px a frame,
-    camera noise sigma 3 (the frames tests/test_presentation_attack.py streams)."""
-    photo = load_rgb(data / IDENTITY_PHOTO)
-    w, h = size
-    rng = np.random.default_rng(0)
-    ph = 300
-    pw = round(photo.shape[1] * ph / photo.shape[0])
-    pasted = cv2.resize(photo, (pw, ph), interpolation=cv2.INTER_AREA).astype(np.float32)
-    texture = rng.uniform(0, 255, (h // 40, 3 * w // 40, 3)).astype(np.float32)
-    background = cv2.resize(texture, (3 * w, h), interpolation=cv2.INTER_CUBIC)
-    x0, y0 = (w - pw) // 2, (h - ph) // 2
-    for k in range(int(seconds * VIDEO_FPS)):
-        off = (12 * k) % (2 * w)
-        frame = background[:, off : off + w].copy()
-        frame[y0 : y0 + ph, x0 : x0 + pw] = pasted
-        yield k / VIDEO_FPS, np.clip(frame + rng.normal(0, 3.0, frame.shape), 0, 255).astype(np.uint8)
+    camera noise sigma 3: tests/synthetic.py's photo_attack, the frames tests/test_presentation_attack.py streams."""
+    for k, frame in enumerate(photo_attack(load_rgb(data / IDENTITY_PHOTO), seconds, size)):
+        yield k / VIDEO_FPS, frame
 
 
 def frozen_region_attack(data: Path, det: BlazeFaceDetector, seconds: float = 20.0, noise: float = 3.0) -> Frames:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -28,6 +27,7 @@ from livekit_proctor.analyzer.rules.spoof import stages_off
 from livekit_proctor.analyzer.signals import FrameSignals
 from livekit_proctor.contracts.api import SessionStartRequest
 from tests.conftest import LiveServer, StreamClient, load_rgb, shared_data, stream_url
+from tests.synthetic import photo_attack, video_frames
 
 ASK = {"presentation_attack": True}  # the session opts in; the other features keep their defaults (on)
 PHOTO = "faces/identity/angelina_jolie/deepface__img1.jpg"
@@ -36,40 +36,6 @@ FPS = 5.0  # the sessions' default analysis rate
 
 def _jpeg(rgb: np.ndarray) -> bytes:
     return cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
-
-
-def photo_attack(photo: np.ndarray, seconds: float, size: tuple[int, int] = (640, 480)) -> Iterator[np.ndarray]:
-    """SYNTHETIC presentation attack, FPS frames a second: the photo (300 px tall), pasted unchanged in the middle
-    of a coarse colour texture that scrolls 12 px a frame (something moving behind a propped-up print), with
-    camera noise (Gaussian, sigma 3 grey levels) on every frame."""
-    w, h = size
-    rng = np.random.default_rng(0)
-    ph = 300
-    pw = round(photo.shape[1] * ph / photo.shape[0])
-    pasted = cv2.resize(photo, (pw, ph), interpolation=cv2.INTER_AREA).astype(np.float32)
-    texture = rng.uniform(0, 255, (h // 40, 3 * w // 40, 3)).astype(np.float32)
-    background = cv2.resize(texture, (3 * w, h), interpolation=cv2.INTER_CUBIC)
-    x0, y0 = (w - pw) // 2, (h - ph) // 2
-    for k in range(int(seconds * FPS)):
-        off = (12 * k) % (2 * w)
-        frame = background[:, off : off + w].copy()
-        frame[y0 : y0 + ph, x0 : x0 + pw] = pasted
-        yield np.clip(frame + rng.normal(0, 3.0, frame.shape), 0, 255).astype(np.uint8)
-
-
-def video_frames(path: Path) -> Iterator[tuple[float, np.ndarray]]:
-    """(offset s, RGB) of a shared video at about FPS frames a second."""
-    cap = cv2.VideoCapture(str(path))
-    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    step, i = max(1, round(fps / FPS)), 0
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        if i % step == 0:
-            yield i / fps, np.ascontiguousarray(bgr[:, :, ::-1])
-        i += 1
-    cap.release()
 
 
 async def _stream(c: StreamClient, frames: Iterator[tuple[float, bytes]]) -> dict[int, float]:
