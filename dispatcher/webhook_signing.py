@@ -119,6 +119,13 @@ def verify(secrets: list[str], headers: Mapping[str, str], body: bytes) -> None:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise WebhookVerificationError("no_matching_signature", "body is not UTF-8, so no signature matches") from None
+    # Checked here, not left to the library: standardwebhooks up to 1.1 raised on an entry without a comma, later
+    # releases skip it silently, and a malformed header is the sender's bug worth naming.
+    sig = plain.get("webhook-signature")
+    if sig is not None and not all("," in entry and entry.split(",", 1)[0] for entry in sig.split()):
+        raise WebhookVerificationError(
+            "bad_signature_header", "webhook-signature is not space-separated version,base64 entries"
+        )
     reason = ""
     for hook in hooks:
         try:
