@@ -24,7 +24,7 @@ import numpy as np
 from livekit_proctor import observability
 from livekit_proctor.analyzer.metrics import Metrics
 from livekit_proctor.analyzer.signals import AudioSignals, FrameSignals, Signals
-from livekit_proctor.analyzer.stages import Stage, check_order, registered_stages
+from livekit_proctor.analyzer.stages import Stage, StatefulStage, check_order, registered_stages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +64,14 @@ class ModelClock:
         # session does not run, and Due.interval_s overrides.
         self.off: set[str] = set()
         self.intervals: dict[str, float] = {}
+        # Stateful stages' stream state (StatefulStage.new_state()), by stage name: created at the stage's first
+        # run in this session, continued by every later one.
+        self.states: dict[str, Any] = {}
+
+    def state(self, stage: StatefulStage[Any]) -> Any:
+        if stage.name not in self.states:
+            self.states[stage.name] = stage.new_state()
+        return self.states[stage.name]
 
 
 Decision = Literal["run", "reuse", "wait", "skip"]
@@ -174,7 +182,10 @@ class ModelSet:
             if decision == "run":
                 with observability.model_span(stage.model):
                     t0 = time.perf_counter()
-                    value = stage.run(media, sig)
+                    if isinstance(stage, StatefulStage) and clock is not None:
+                        value = stage.step(media, sig, clock.state(stage))
+                    else:
+                        value = stage.run(media, sig)
                     sig.latency_ms[stage.model] = (time.perf_counter() - t0) * 1000
                 sig.put(stage.writes, value)
                 ran.append(stage.model)
