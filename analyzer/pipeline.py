@@ -54,7 +54,8 @@ class _LastRun:
 class ModelClock:
     """Per-session scheduling state of the stages (when each last ran, and its result for reuse).
 
-    Only the session's single in-flight job touches it, so it needs no lock.
+    Only the session's single in-flight job per media touches it, so it needs no lock: a video and an audio job of
+    the same session may run at once, but they touch different stages' entries.
     """
 
     def __init__(self) -> None:
