@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
 
 from livekit_proctor.analyzer.detectors.manifest import models_dir, verify
 from livekit_proctor.analyzer.detectors.objects import _read_model, _session  # the shared onnxruntime setup
 from livekit_proctor.analyzer.signals import Signals
-from livekit_proctor.analyzer.stages import StageSettings, StatefulStage
+from livekit_proctor.analyzer.stages import StageSettings, StatefulStage, service_setting
 
 SAMPLE_RATE = 16_000
 FRAME = 512  # new samples per model call (32 ms)
@@ -134,10 +133,8 @@ class SileroVad:
 
 
 class VadSettings(StageSettings):
-    vad: bool = Field(True, description="run voice activity detection (Silero VAD) on session audio")
-    vad_threshold: float = Field(
-        DEFAULT_THRESHOLD, ge=0.0, le=1.0, description="speech probability above which a 32 ms frame is voiced"
-    )
+    vad: bool = service_setting("vad")
+    vad_threshold: float = service_setting("vad_threshold")  # its default is DEFAULT_THRESHOLD
 
 
 class VadStage(StatefulStage[VadState]):

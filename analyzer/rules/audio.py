@@ -48,7 +48,7 @@ class AudioObservation:
 class VoiceRule(DurationRule[AudioObservation]):
     """Speech probability above `voice_probability` for more than trigger_after_s (short pauses between words,
     under PENDING_GAP_TOLERANCE_S, do not break it). The evidence says how long was voiced and the mean speech
-    probability since the condition began."""
+    probability from the condition's start to its last voiced frame (the silence that ends it is not counted)."""
 
     def __init__(self, spec: RuleSpec, p: RulePolicy, t: Limits) -> None:
         threshold = t.voice_probability
@@ -58,14 +58,19 @@ class VoiceRule(DurationRule[AudioObservation]):
         )  # fmt: skip
         self._frames = self._voiced = 0
         self._prob_sum = 0.0
+        self._upto = (0, 0, 0.0)  # (frames, voiced frames, probability sum) up to the last voiced frame
 
     def observe(self, o: AudioObservation) -> list[RuleEvent]:
         if self._onset is None:  # a new condition (or none yet): count from here
             self._frames = self._voiced = 0
             self._prob_sum = 0.0
+            self._upto = (0, 0, 0.0)
+        voiced = self.threshold is not None and o.speech_probability > self.threshold
         self._frames += 1
-        self._voiced += o.speech_probability > self.threshold if self.threshold is not None else 0
+        self._voiced += voiced
         self._prob_sum += o.speech_probability
+        if voiced:
+            self._upto = (self._frames, self._voiced, self._prob_sum)
         return super().observe(o)
 
     def _event(
@@ -77,9 +82,10 @@ class VoiceRule(DurationRule[AudioObservation]):
         reason: str | None = None,
     ) -> RuleEvent:
         ev = super()._event(state, ts, o, value, reason)
-        if self._frames:
-            ev.evidence["voiced_s"] = round(self._voiced * FRAME_S, 3)
-            ev.evidence["mean_speech_probability"] = round(self._prob_sum / self._frames, 3)
+        frames, voiced, prob_sum = self._upto
+        if frames:
+            ev.evidence["voiced_s"] = round(voiced * FRAME_S, 3)
+            ev.evidence["mean_speech_probability"] = round(prob_sum / frames, 3)
         return ev
 
 
