@@ -24,7 +24,7 @@ import numpy as np
 from livekit_proctor import observability
 from livekit_proctor.analyzer.metrics import Metrics
 from livekit_proctor.analyzer.signals import AudioSignals, FrameSignals, Signals
-from livekit_proctor.analyzer.stages import Stage, StatefulStage, check_order, registered_stages
+from livekit_proctor.analyzer.stages import Media, Stage, StatefulStage, check_order, registered_stages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,13 +93,16 @@ class ModelSet:
         self.audio = [s for s in stages if s.media == "audio"]
 
     @classmethod
-    def load(cls, **settings: Any) -> ModelSet:
-        """Loads every registered stage; `settings` override its settings fields by name (else PROCTOR_* env)."""
+    def load(cls, media: Media | None = None, **settings: Any) -> ModelSet:
+        """Loads every registered stage (only those of `media` when given: `proctor audio` needs no video model);
+        `settings` override its settings fields by name (else PROCTOR_* env)."""
         stages: list[Stage] = []
         off: list[str] = []
         registered = registered_stages()
         check_order(registered)
         for stage_cls in registered:
+            if media is not None and stage_cls.media != media:
+                continue
             fields = stage_cls.settings_model.model_fields
             s = stage_cls.settings_model(**{k: v for k, v in settings.items() if k in fields})
             if not stage_cls.enabled(s):
@@ -116,10 +119,10 @@ class ModelSet:
         return cls(stages, tuple(off))
 
     @classmethod
-    def from_settings(cls, s: Any) -> ModelSet:
+    def from_settings(cls, s: Any, media: Media | None = None) -> ModelSet:
         """The stages with the service settings' values for the fields they declare (Settings wins over env)."""
         names = {k for c in registered_stages() for k in c.settings_model.model_fields}
-        return cls.load(**{k: getattr(s, k) for k in names if hasattr(s, k)})
+        return cls.load(media, **{k: getattr(s, k) for k in names if hasattr(s, k)})
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)

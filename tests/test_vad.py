@@ -3,6 +3,7 @@ end over the WebSocket on the shared audio (skipped without it)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,23 @@ async def test_an_audio_stage_failure_is_counted_and_the_audio_goes_on(tmp_path:
     finally:
         await mgr.shutdown()
         pool.shutdown()
+
+
+def test_proctor_audio_json_gives_speech_segments_and_alerts() -> None:
+    from tests.test_cli import proctor
+
+    d = shared_data()
+    if d is None:
+        pytest.skip("shared data not available")
+    r = proctor("audio", str(d / LIBRISPEECH), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"duration_s", "speech", "turns", "speakers", "alerts"}
+    assert out["duration_s"] == pytest.approx(13.3, abs=0.05)
+    assert out["speech"] and all(0 <= a < b <= out["duration_s"] for a, b in out["speech"])
+    assert sum(b - a for a, b in out["speech"]) > 8  # read speech, a few pauses
+    assert (out["alerts"][0]["event_type"], out["alerts"][0]["incident_state"]) == ("VOICE_DETECTED", "started")
+    r = proctor("audio", str(d / NON_SPEECH[1]), "--json")  # 48 kHz stereo typing
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["speech"] == [] and out["alerts"] == [] and out["duration_s"] == pytest.approx(6.0, abs=0.05)

@@ -93,6 +93,20 @@ class Speech:
         }
 
 
+def speech_segments(
+    probs: np.ndarray, frame_ts: np.ndarray, threshold: float, min_silence_s: float = 0.1, min_speech_s: float = 0.25
+) -> list[tuple[float, float]]:
+    """Voiced frames as (start, end) segments of a whole recording: pauses shorter than min_silence_s are bridged,
+    segments shorter than min_speech_s dropped (Silero's own get_speech_timestamps defaults: 100 ms, 250 ms)."""
+    out: list[tuple[float, float]] = []
+    for start, end in Speech(probs, frame_ts, threshold).segments():
+        if out and start - out[-1][1] < min_silence_s:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return [(a, b) for a, b in out if b - a >= min_speech_s]
+
+
 class SileroVad:
     """Silero VAD with onnxruntime. Thread-safe: one InferenceSession; the stream's state is the caller's."""
 
