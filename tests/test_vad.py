@@ -125,6 +125,7 @@ async def _stream(srv: LiveServer, sid: str, pcm: np.ndarray) -> list[dict[str, 
         counters = srv.session(sid)["counters"]
         assert counters["worker_errors"] == 0
         assert counters["audio_seconds"] == pytest.approx(len(pcm) / 16000, abs=0.01)
+        assert counters["audio_analysed_seconds"] == counters["audio_seconds"]  # none dropped, the last part included
         return c.alerts()
 
 
@@ -193,6 +194,8 @@ async def test_an_audio_stage_failure_is_counted_and_the_audio_goes_on(tmp_path:
         await live.offer_audio(wire.MediaMessage(wire.Kind.AUDIO, 12, t0 + 1.2, chunk))
         await live.settled()
         assert FailsOnce.calls == 4 and live.counters.worker_errors == 1
+        # Every byte went through the stages but the window that failed.
+        assert live.counters.audio_analysed_bytes == live.counters.audio_bytes - 16000
     finally:
         await mgr.shutdown()
         pool.shutdown()

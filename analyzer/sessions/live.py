@@ -545,6 +545,7 @@ class LiveSession:
                     with observability.rules_span():
                         events = self.engine.observe_audio(sig)
                     await self.emit(events)
+            self.counters.audio_analysed_bytes += len(window)  # not a failed window (worker_errors counts that)
         finally:
             self.barrier.audio_processed(done)
 
