@@ -15,6 +15,7 @@ import numpy as np
 
 from livekit_proctor.analyzer.detectors.vad import FRAME_S
 from livekit_proctor.analyzer.rules.incident import DurationRule, RuleEvent
+from livekit_proctor.contracts.alerts import EventType as E
 from livekit_proctor.contracts.alerts import IncidentState
 from livekit_proctor.contracts.api import RulePolicy
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from livekit_proctor.analyzer.rules.catalog import Limits, RuleSpec
     from livekit_proctor.analyzer.rules.engine import RuleEngine
 
-VOICE_DETECTED = "VOICE_DETECTED"
+VOICE_DETECTED = E.VOICE_DETECTED
 FEATURE = "audio"
 THRESHOLDS = {"voice_probability": 0.8}  # a 32 ms frame counts toward VOICE_DETECTED above this speech probability
 
