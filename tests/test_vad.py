@@ -113,6 +113,7 @@ def test_voice_detected_after_two_seconds_of_speech_with_its_evidence() -> None:
     assert 0.85 < ev["mean_speech_probability"] < 0.95
     assert ev["duration_s"] == pytest.approx(95 * FRAME_S, abs=0.05)
     assert started[0].preview is None  # audio: no thumbnail
+    assert "trigger_frame_seq" not in ev and ev["trigger_audio_window_seq"] >= ev["first_audio_window_seq"]
 
 
 async def _stream(srv: LiveServer, sid: str, pcm: np.ndarray) -> list[dict[str, Any]]:

@@ -83,6 +83,10 @@ class VoiceRule(DurationRule[AudioObservation]):
         reason: str | None = None,
     ) -> RuleEvent:
         ev = super()._event(state, ts, o, value, reason)
+        # The observations' seq numbers are audio windows, not video frames: say so in the evidence's names.
+        for which in ("first", "trigger"):
+            if f"{which}_frame_seq" in ev.evidence:
+                ev.evidence[f"{which}_audio_window_seq"] = ev.evidence.pop(f"{which}_frame_seq")
         frames, voiced, prob_sum = self._upto
         if frames:
             ev.evidence["voiced_s"] = round(voiced * FRAME_S, 3)
