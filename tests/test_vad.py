@@ -220,3 +220,16 @@ def test_proctor_audio_json_gives_speech_segments_and_alerts() -> None:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["speech"] == [] and out["alerts"] == [] and out["duration_s"] == pytest.approx(6.0, abs=0.05)
+
+
+def test_microphone_off_ends_an_open_voice_incident() -> None:
+    engine = RuleEngine(effective_policy(SessionStartRequest(exam_session_id="s", candidate_id="c", exam_id="e"), 5))
+    events = []
+    for k in range(0, 160, 16):  # 5 s of speech
+        events += engine.observe_audio(_speech_window(k // 16, 1000 + k * FRAME_S, [0.95] * 16))
+    assert [e.state.value for e in events] == ["started"]
+    ended = engine.reset_audio(1006.0, "microphone:track_muted")
+    assert [(e.event_type, e.state.value, e.evidence["end_reason"]) for e in ended] == [
+        ("VOICE_DETECTED", "ended", "microphone:track_muted")
+    ]
+    assert engine.open_incidents() == []
