@@ -139,6 +139,18 @@ def analyze_video(
         suppressed += len(dropped)
         out.extend((round(ev.ts, 3), builder.build(ev)) for ev in passed)
 
+    # The audio track (when there is one and an audio stage is loaded) goes through the audio stages and rules in
+    # 0.5 s windows, interleaved with the frames in media time, as a live session's audio.
+    audio = _audio_windows(models, path)
+    audio_s = 0.0
+
+    def audio_until(t: float) -> None:
+        nonlocal audio_s
+        while audio and audio[0][1] < t:
+            seq, start, pcm = audio.pop(0)
+            audio_s += len(pcm) / AUDIO_SAMPLE_RATE
+            to_alerts(engine.observe_audio(models.analyze_audio(pcm, seq, start, AUDIO_SAMPLE_RATE, clock)))
+
     for i, t, rgb in video_frames(path):
         last_t = t
         if progress is not None:
@@ -146,12 +158,17 @@ def analyze_video(
         if not sampler.due(t):
             continue
         analysed += 1
+        audio_until(t)
         to_alerts(engine.observe(models.analyze_rgb(rgb, i, t, clock)))
+    audio_until(float("inf"))
+    if audio_s:  # the audio track may run on a little after the last frame
+        last_t = max(last_t, audio_s)
     to_alerts(engine.close_all(last_t, "recording_ended"))
     summary = {
         "video": str(path),
         "duration_s": round(last_t, 3),
         "frames_analysed": analysed,
+        "audio_s_analysed": round(audio_s, 3),
         "incidents": sum(1 for _, a in out if a.incident_state == IncidentState.STARTED),
         "incidents_suppressed": suppressed,
         "risk": engine.risk_summary(last_t),
@@ -179,6 +196,19 @@ def read_audio(path: Path, rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
 
 
 AUDIO_WINDOW_S = 0.5  # as a live session's audio worker
+
+
+def _audio_windows(models: ModelSet, path: Path) -> list[tuple[int, float, np.ndarray]]:
+    """(seq, start offset, PCM) of a recording's audio track in 0.5 s windows; none without an audio track or an
+    audio stage."""
+    if not models.audio:
+        return []
+    try:
+        pcm = read_audio(path)
+    except ValueError:
+        return []  # no (readable) audio track: the video alone
+    window = int(AUDIO_WINDOW_S * AUDIO_SAMPLE_RATE)
+    return [(n, i / AUDIO_SAMPLE_RATE, pcm[i : i + window]) for n, i in enumerate(range(0, len(pcm), window))]
 
 
 def analyze_audio_file(

@@ -233,3 +233,19 @@ def test_microphone_off_ends_an_open_voice_incident() -> None:
         ("VOICE_DETECTED", "ended", "microphone:track_muted")
     ]
     assert engine.open_incidents() == []
+
+
+def test_proctor_analyze_runs_the_recordings_audio_track_too() -> None:
+    from tests.test_cli import proctor
+
+    d = shared_data()
+    if d is None:
+        pytest.skip("shared data not available")
+    r = proctor("analyze", str(d / "video/face_recognition__short_hamilton_clip.mp4"), "--json")  # speech / rap
+    assert r.returncode == 0, r.stderr
+    voice = [json.loads(x) for x in r.stdout.splitlines() if '"VOICE_DETECTED"' in x]
+    assert [a["incident_state"] for a in voice] == ["started", "ended"]
+    assert voice[0]["offset_s"] < 5 and voice[1]["evidence"]["end_reason"] == "recording_ended"
+    r = proctor("analyze", str(d / "video/proctoring_ai__center_focus.mp4"), "--json")  # near-silent room tone
+    assert r.returncode == 0, r.stderr
+    assert '"VOICE_DETECTED"' not in r.stdout
