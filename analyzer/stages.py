@@ -90,8 +90,9 @@ class StatefulStage(Stage, Generic[S]):
     """A stage whose result depends on what came before in the same stream (an RNN's state, audio left over from
     the previous window). Stage objects are shared by all sessions, so the state is not kept here: each session's
     ModelClock owns one `new_state()` per stateful stage (created on its first run) and `ModelSet` passes it to
-    `step`, always from that session's single in-flight job (no lock needed). docs/architecture.md, "Per-session
-    stage state"."""
+    `step`, always from that session's single in-flight job (no lock needed). A unit it was not due on (or switched
+    off for) does not reach it: a stage that needs every sample is due on every unit, or handles the gap (`signals.ts`
+    says where the stream resumes). docs/architecture.md, "Per-session stage state"."""
 
     @abstractmethod
     def new_state(self) -> S:
