@@ -484,6 +484,8 @@ class Session:
         et = str(alert.event_type)
         r.alerts_by_type[et] = r.alerts_by_type.get(et, 0) + 1
         seq = alert.evidence.get("trigger_frame_seq")
+        if seq is None and "trigger_audio_window_seq" in alert.evidence:
+            return  # an audio incident (VOICE_DETECTED): no frame to measure the latency from
         sent = self.sent_at.get(seq) if isinstance(seq, int) else None
         if sent is None:
             r.unmatched_alerts += 1
