@@ -1,4 +1,4 @@
-"""Offline analysis: images (`proctor inspect`) and recordings (`proctor analyze`).
+"""Offline analysis: images (`proctor inspect`), recordings (`proctor analyze`) and audio files (`proctor audio`).
 
 A recording goes through the same sampler, models and rule engine as a live
 session, with the recording's own timestamps.
@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from livekit_proctor.analyzer.alerting import AlertBuilder, rate_limit
+from livekit_proctor.analyzer.detectors.vad import speech_segments
 from livekit_proctor.analyzer.fusion import PresenceFusion
 from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet, Sampler
 from livekit_proctor.analyzer.rules.engine import RuleEngine, RuleEvent
@@ -23,6 +24,7 @@ from livekit_proctor.analyzer.rules.policy import effective_policy
 from livekit_proctor.analyzer.rules.spoof import stages_off as spoof_stages_off
 from livekit_proctor.contracts.alerts import Alert, IncidentState
 from livekit_proctor.contracts.api import SessionStartRequest
+from livekit_proctor.contracts.wire import AUDIO_SAMPLE_RATE
 
 
 def load_image_rgb(path: Path) -> np.ndarray:
@@ -137,6 +139,18 @@ def analyze_video(
         suppressed += len(dropped)
         out.extend((round(ev.ts, 3), builder.build(ev)) for ev in passed)
 
+    # The audio track (when there is one and an audio stage is loaded) goes through the audio stages and rules in
+    # 0.5 s windows, interleaved with the frames in media time, as a live session's audio.
+    audio = _audio_windows(models, path)
+    audio_s = 0.0
+
+    def audio_until(t: float) -> None:
+        nonlocal audio_s
+        while audio and audio[0][1] < t:
+            seq, start, pcm = audio.pop(0)
+            audio_s += len(pcm) / AUDIO_SAMPLE_RATE
+            to_alerts(engine.observe_audio(models.analyze_audio(pcm, seq, start, AUDIO_SAMPLE_RATE, clock)))
+
     for i, t, rgb in video_frames(path):
         last_t = t
         if progress is not None:
@@ -144,14 +158,116 @@ def analyze_video(
         if not sampler.due(t):
             continue
         analysed += 1
+        audio_until(t)
         to_alerts(engine.observe(models.analyze_rgb(rgb, i, t, clock)))
+    audio_until(float("inf"))
+    if audio_s:  # the audio track may run on a little after the last frame
+        last_t = max(last_t, audio_s)
     to_alerts(engine.close_all(last_t, "recording_ended"))
     summary = {
         "video": str(path),
         "duration_s": round(last_t, 3),
         "frames_analysed": analysed,
+        "audio_s_analysed": round(audio_s, 3),
         "incidents": sum(1 for _, a in out if a.incident_state == IncidentState.STARTED),
         "incidents_suppressed": suppressed,
         "risk": engine.risk_summary(last_t),
+    }
+    return out, summary
+
+
+def read_audio(path: Path, rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
+    """An audio file (wav, flac, mp3, or a video's first audio track: anything FFmpeg reads) as int16 mono PCM at
+    `rate`, resampled by FFmpeg's libswresample (PyAV). ValueError when it has no readable audio."""
+    import av  # imported here: only the offline audio commands need FFmpeg
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    parts: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError(f"{path}: no audio track")
+            for frame in container.decode(audio=0):
+                parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except av.FFmpegError as e:
+        raise ValueError(f"{path}: not a readable audio file ({e})") from None
+    return np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)
+
+
+AUDIO_WINDOW_S = 0.5  # as a live session's audio worker
+
+
+def _audio_windows(models: ModelSet, path: Path) -> list[tuple[int, float, np.ndarray]]:
+    """(seq, start offset, PCM) of a recording's audio track in 0.5 s windows; none without an audio track or an
+    audio stage."""
+    if not models.audio:
+        return []
+    try:
+        pcm = read_audio(path)
+    except ValueError:
+        return []  # no (readable) audio track: the video alone
+    window = int(AUDIO_WINDOW_S * AUDIO_SAMPLE_RATE)
+    return [(n, i / AUDIO_SAMPLE_RATE, pcm[i : i + window]) for n, i in enumerate(range(0, len(pcm), window))]
+
+
+def analyze_audio_file(
+    models: ModelSet,
+    path: Path,
+    sensitivity: str = "medium",
+    session_id: str = "offline",
+    candidate_id: str = "offline",
+    limiter: IncidentLimiter | None = None,
+) -> tuple[list[tuple[float, Alert]], dict[str, Any]]:
+    """Runs a recording's audio through the session's audio stages and rules, in 0.5 s windows with one session
+    state, as a live session does; returns (offset, alert) pairs and a summary with the speech segments."""
+    pcm = read_audio(path)
+    req = SessionStartRequest(
+        exam_session_id=session_id,
+        candidate_id=candidate_id,
+        exam_id="offline",
+        sensitivity=sensitivity,  # type: ignore[arg-type]
+    )
+    engine = RuleEngine(effective_policy(req, 5.0))
+    clock = ModelClock()
+    limiter = limiter or IncidentLimiter(burst=10, refill_s=60.0)
+    builder = AlertBuilder(
+        exam_session_id=session_id,
+        candidate_id=candidate_id,
+        default_model=models.source,
+        node_id="offline",
+        worker_id="cli",
+        time_base=time.time(),
+    )
+    out: list[tuple[float, Alert]] = []
+    probs: list[np.ndarray] = []
+    frame_ts: list[np.ndarray] = []
+    threshold = None
+    window = int(AUDIO_WINDOW_S * AUDIO_SAMPLE_RATE)
+    duration = len(pcm) / AUDIO_SAMPLE_RATE
+
+    def to_alerts(events: list[RuleEvent], t: float) -> None:
+        passed, _ = rate_limit(limiter, events, t)
+        out.extend((round(ev.ts, 3), builder.build(ev)) for ev in passed)
+
+    for seq, i in enumerate(range(0, len(pcm), window)):
+        t = i / AUDIO_SAMPLE_RATE
+        sig = models.analyze_audio(pcm[i : i + window], seq, t, AUDIO_SAMPLE_RATE, clock)
+        speech = sig.values.get("speech")
+        if speech is not None:
+            probs.append(speech.probs)
+            frame_ts.append(speech.frame_ts)
+            threshold = speech.threshold
+        to_alerts(engine.observe_audio(sig), t)
+    to_alerts(engine.close_all(duration, "recording_ended"), duration)
+    segments: list[tuple[float, float]] | None = None
+    if threshold is not None:
+        segments = speech_segments(np.concatenate(probs), np.concatenate(frame_ts), threshold)
+    summary = {
+        "audio": str(path),
+        "duration_s": round(duration, 3),
+        # None: no voice-activity stage ran (the vad setting is off)
+        "speech": None if segments is None else [[round(a, 3), round(min(b, duration), 3)] for a, b in segments],
+        "incidents": sum(1 for _, a in out if a.incident_state == IncidentState.STARTED),
     }
     return out, summary

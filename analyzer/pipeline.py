@@ -24,7 +24,7 @@ import numpy as np
 from livekit_proctor import observability
 from livekit_proctor.analyzer.metrics import Metrics
 from livekit_proctor.analyzer.signals import AudioSignals, FrameSignals, Signals
-from livekit_proctor.analyzer.stages import Stage, check_order, registered_stages
+from livekit_proctor.analyzer.stages import Media, Stage, StatefulStage, check_order, registered_stages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +54,8 @@ class _LastRun:
 class ModelClock:
     """Per-session scheduling state of the stages (when each last ran, and its result for reuse).
 
-    Only the session's single in-flight job touches it, so it needs no lock.
+    Only the session's single in-flight job per media touches it, so it needs no lock: a video and an audio job of
+    the same session may run at once, but they touch different stages' entries.
     """
 
     def __init__(self) -> None:
@@ -64,6 +65,14 @@ class ModelClock:
         # session does not run, and Due.interval_s overrides.
         self.off: set[str] = set()
         self.intervals: dict[str, float] = {}
+        # Stateful stages' stream state (StatefulStage.new_state()), by stage name: created at the stage's first
+        # run in this session, continued by every later one.
+        self.states: dict[str, Any] = {}
+
+    def state(self, stage: StatefulStage[Any]) -> Any:
+        if stage.name not in self.states:
+            self.states[stage.name] = stage.new_state()
+        return self.states[stage.name]
 
 
 Decision = Literal["run", "reuse", "wait", "skip"]
@@ -84,13 +93,16 @@ class ModelSet:
         self.audio = [s for s in stages if s.media == "audio"]
 
     @classmethod
-    def load(cls, **settings: Any) -> ModelSet:
-        """Loads every registered stage; `settings` override its settings fields by name (else PROCTOR_* env)."""
+    def load(cls, media: Media | None = None, **settings: Any) -> ModelSet:
+        """Loads every registered stage (only those of `media` when given: `proctor audio` needs no video model);
+        `settings` override its settings fields by name (else PROCTOR_* env)."""
         stages: list[Stage] = []
         off: list[str] = []
         registered = registered_stages()
         check_order(registered)
         for stage_cls in registered:
+            if media is not None and stage_cls.media != media:
+                continue
             fields = stage_cls.settings_model.model_fields
             s = stage_cls.settings_model(**{k: v for k, v in settings.items() if k in fields})
             if not stage_cls.enabled(s):
@@ -107,10 +119,10 @@ class ModelSet:
         return cls(stages, tuple(off))
 
     @classmethod
-    def from_settings(cls, s: Any) -> ModelSet:
+    def from_settings(cls, s: Any, media: Media | None = None) -> ModelSet:
         """The stages with the service settings' values for the fields they declare (Settings wins over env)."""
         names = {k for c in registered_stages() for k in c.settings_model.model_fields}
-        return cls.load(**{k: getattr(s, k) for k in names if hasattr(s, k)})
+        return cls.load(media, **{k: getattr(s, k) for k in names if hasattr(s, k)})
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -174,7 +186,10 @@ class ModelSet:
             if decision == "run":
                 with observability.model_span(stage.model):
                     t0 = time.perf_counter()
-                    value = stage.run(media, sig)
+                    if isinstance(stage, StatefulStage) and clock is not None:
+                        value = stage.step(media, sig, clock.state(stage))
+                    else:
+                        value = stage.run(media, sig)
                     sig.latency_ms[stage.model] = (time.perf_counter() - t0) * 1000
                 sig.put(stage.writes, value)
                 ran.append(stage.model)

@@ -15,7 +15,7 @@ import importlib
 from abc import ABC, abstractmethod
 from copy import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +83,30 @@ class Stage(ABC):
         """The signal for this frame or window; `signals` holds what earlier stages wrote on it."""
 
 
+S = TypeVar("S")
+
+
+class StatefulStage(Stage, Generic[S]):
+    """A stage whose result depends on what came before in the same stream (an RNN's state, audio left over from
+    the previous window). Stage objects are shared by all sessions, so the state is not kept here: each session's
+    ModelClock owns one `new_state()` per stateful stage (created on its first run) and `ModelSet` passes it to
+    `step`, always from that session's single in-flight job (no lock needed). A unit it was not due on (or switched
+    off for) does not reach it: a stage that needs every sample is due on every unit, or handles the gap (`signals.ts`
+    says where the stream resumes). docs/architecture.md, "Per-session stage state"."""
+
+    @abstractmethod
+    def new_state(self) -> S:
+        """A fresh state: the start of a stream."""
+
+    @abstractmethod
+    def step(self, media: np.ndarray, signals: Signals, state: S) -> Any:
+        """The signal for this unit, continuing `state` (which it updates in place)."""
+
+    def run(self, media: np.ndarray, signals: Signals) -> Any:
+        """Without a session (one window on its own): a fresh state."""
+        return self.step(media, signals, self.new_state())
+
+
 # Stages shipped here, in pipeline order ("module:Class", imported when first needed).
 BUILTIN_STAGES: tuple[str, ...] = (
     "livekit_proctor.analyzer.detectors.blazeface:FaceStage",
@@ -92,6 +116,7 @@ BUILTIN_STAGES: tuple[str, ...] = (
     "livekit_proctor.analyzer.detectors.objects:ObjectsStage",
     "livekit_proctor.analyzer.detectors.pose:PoseStage",
     "livekit_proctor.analyzer.detectors.segmentation:SegmentationStage",
+    "livekit_proctor.analyzer.detectors.vad:VadStage",
 )
 _registered: list[type[Stage]] = []
 

@@ -484,6 +484,8 @@ class Session:
         et = str(alert.event_type)
         r.alerts_by_type[et] = r.alerts_by_type.get(et, 0) + 1
         seq = alert.evidence.get("trigger_frame_seq")
+        if seq is None and "trigger_audio_window_seq" in alert.evidence:
+            return  # an audio incident (VOICE_DETECTED): no frame to measure the latency from
         sent = self.sent_at.get(seq) if isinstance(seq, int) else None
         if sent is None:
             r.unmatched_alerts += 1
@@ -545,6 +547,7 @@ def summarize(
         sampled_out = received - analysed - dropped - rejected if c else 0
         fps = analysed / r.stream_s if r.stream_s else 0.0
         audio_srv = float(c.get("audio_seconds", 0.0))
+        audio_analysed = float(c.get("audio_analysed_seconds", 0.0))
         all_lat.extend(r.latencies_s)
         d = {
             "session_id": r.session_id,
@@ -564,6 +567,7 @@ def summarize(
             "latency_ms": [round(x * 1000, 1) for x in r.latencies_s],
             "audio_s_sent": round(r.audio_s_sent, 3),
             "audio_s_server": audio_srv,
+            "audio_s_analysed": audio_analysed,
             "audio_rejected": int(c.get("audio_rejected", 0)),
             "heartbeats": r.heartbeats,
             "flow_messages": len(r.flow),
@@ -598,6 +602,9 @@ def summarize(
             failures.append(f"{tag}: sent {r.frames_sent} frames, server received {received}")
         if abs(audio_srv - r.audio_s_sent) > 0.002:
             failures.append(f"{tag}: sent {r.audio_s_sent:.3f} s of audio, server reports {audio_srv:.3f} s")
+        # After the session's end (its last part window analysed): every second sent went through the audio stages.
+        if r.server.get("final") and abs(audio_analysed - r.audio_s_sent) > 0.002:
+            failures.append(f"{tag}: sent {r.audio_s_sent:.3f} s of audio, {audio_analysed:.3f} s analysed")
         for e in r.errors:
             failures.append(f"{tag}: {e}")
         # Not failures of the run, but worth seeing: every incident is ended by the session end.
@@ -637,6 +644,7 @@ def summarize(
         "latency_max_ms": round(max(all_lat) * 1000, 1) if all_lat else None,
         "audio_s_sent": round(sum(r.audio_s_sent for r in results), 3),
         "audio_s_server": round(sum(d["audio_s_server"] for d in per), 3),
+        "audio_s_analysed": round(sum(d["audio_s_analysed"] for d in per), 3),
         "server_cpu_s": None if cpu_s is None else round(cpu_s, 2),
         "server_cpu_s_per_session": None if cpu_per_session is None else round(cpu_per_session, 3),
         "server_core_pct_per_session": None if core_pct is None else round(core_pct, 1),
@@ -660,7 +668,8 @@ def summarize(
         f"alerts {summary['alerts_started']} started (unmatched {summary['alerts_unmatched']}) | frame->alert latency "
         f"p50 {fmt(summary['latency_p50_ms'], '.0f', ' ms')} p95 {fmt(summary['latency_p95_ms'], '.0f', ' ms')} "
         f"max {fmt(summary['latency_max_ms'], '.0f', ' ms')}",
-        f"audio sent {summary['audio_s_sent']:.1f} s, server {summary['audio_s_server']:.1f} s",
+        f"audio sent {summary['audio_s_sent']:.1f} s, server {summary['audio_s_server']:.1f} s, analysed "
+        f"{summary['audio_s_analysed']:.1f} s",
         f"server CPU {fmt(cpu_s, '.1f', ' s')} = {fmt(cpu_per_session, '.2f', ' s')}/session "
         f"= {fmt(core_pct, '.1f', '%')} of a core per session | RSS peak "
         f"{fmt(summary['server_rss_peak_mib'], '.0f', ' MiB')} "

@@ -2,9 +2,11 @@
 
     python bench/model_cost.py [DATA_DIR] [--repeat N]
 
-Prints one row per registered video stage (analyzer/stages.py; a new stage shows up with no edit here) and one
-JSON line. Single thread, the way the inference pool runs each job. Without a session clock every stage runs on
-every frame where its face condition holds (face mesh only with a face, segmentation only without one).
+Prints one row per registered video stage (analyzer/stages.py; a new stage shows up with no edit here), one per
+audio stage (per 0.5 s window of the shared LibriSpeech files, one session state, as a live session; and per
+second of audio) and one JSON line. Single thread, the way the inference pool runs each job. Without a session
+clock every video stage runs on every frame where its face condition holds (face mesh only with a face,
+segmentation only without one).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import cv2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from livekit_proctor.analyzer.pipeline import ModelSet, decode_jpeg  # noqa: E402
+from livekit_proctor.analyzer.offline import read_audio  # noqa: E402
+from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet, decode_jpeg  # noqa: E402
 
 
 def _reencoded(path: Path) -> bytes:
@@ -71,8 +74,37 @@ def main() -> int:
         f"{'whole frame':<14} {'every stage due on it':<42} {len(t_all):>5} {statistics.median(t_all):>10.2f} "
         f"{t_all[int(0.95 * len(t_all))]:>8.2f}"
     )
-    print(json.dumps({"bench": "model_cost", "frame_size": f"{w}x{h}", "models": rows}))
+    audio_rows = _audio_cost(models, Path(args.data_dir))
+    print(json.dumps({"bench": "model_cost", "frame_size": f"{w}x{h}", "models": rows, "audio_models": audio_rows}))
     return 0
+
+
+def _audio_cost(models: ModelSet, data: Path) -> dict[str, dict[str, float | int | str]]:
+    files = sorted((data / "audio" / "single_speaker").glob("*/*.flac"))
+    if not models.audio or not files:
+        return {}
+    times: dict[str, list[float]] = {}
+    audio_s = 0.0
+    for f in files:
+        pcm = read_audio(f)
+        audio_s += len(pcm) / 16000
+        clock = ModelClock()  # one session per file
+        for n, i in enumerate(range(0, len(pcm), 8000)):
+            sig = models.analyze_audio(pcm[i : i + 8000], n, i / 16000, 16000, clock)
+            for name, ms in sig.latency_ms.items():
+                times.setdefault(name, []).append(ms)
+    print(f"{len(files)} audio files, {audio_s:.1f} s in 0.5 s windows, one thread")
+    print(f"{'stage':<14} {'model':<42} {'runs':>5} {'median ms':>10} {'p95 ms':>8} {'ms/audio s':>10}")
+    rows: dict[str, dict[str, float | int | str]] = {}
+    for st in models.audio:
+        v = sorted(times.get(st.model, []))
+        if not v:
+            continue
+        med, p95, per_s = statistics.median(v), v[min(len(v) - 1, int(0.95 * len(v)))], sum(v) / audio_s
+        rows[st.model] = {"stage": st.name, "runs": len(v), "median_ms": round(med, 3), "p95_ms": round(p95, 3),
+                          "ms_per_audio_s": round(per_s, 3)}  # fmt: skip
+        print(f"{st.name:<14} {st.model:<42} {len(v):>5} {med:>10.2f} {p95:>8.2f} {per_s:>10.2f}")
+    return rows
 
 
 if __name__ == "__main__":

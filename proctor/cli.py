@@ -276,6 +276,54 @@ def analyze(
     print(f"-- {summary['incidents']} incident(s) in {length} of video ({summary['frames_analysed']} frames analysed)")
 
 
+@app.command()
+def audio(
+    file: Annotated[Path, typer.Argument(help="An audio file: wav, flac, mp3 (any rate; resampled to 16 kHz mono).")],
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help='One object: {"duration_s", "speech", "turns", "speakers", "alerts"}.'),
+    ] = False,
+    sensitivity: Annotated[Sensitivity, typer.Option(help="Rule thresholds.")] = Sensitivity.medium,
+) -> None:
+    """Voice activity of an audio file, and the audio alerts a session would raise on it."""
+    from livekit_proctor.analyzer.offline import analyze_audio_file
+    from livekit_proctor.analyzer.pipeline import ModelSet
+    from livekit_proctor.analyzer.rules.limits import IncidentLimiter
+
+    s = _settings()
+    if not file.is_file():
+        raise CliError(f"{file}: cannot open audio (no such file)")
+    models = ModelSet.from_settings(s, media="audio")
+    try:
+        alerts, summary = analyze_audio_file(
+            models, file, sensitivity=sensitivity.value, limiter=IncidentLimiter(s.incident_burst, s.incident_refill_s)
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    speech = summary["speech"]
+    if json_out:
+        out = {
+            "duration_s": summary["duration_s"],
+            "speech": speech,
+            "turns": [],  # speaker turns and count: not computed yet (no speaker model)
+            "speakers": None,
+            "alerts": [a.model_dump(mode="json") | {"offset_s": offset} for offset, a in alerts],
+        }
+        print(json.dumps(out))
+        return
+    length = fmt_duration(summary["duration_s"])
+    if speech is None:
+        print(f"{length} of audio; voice activity is off (PROCTOR_VAD=false)")
+    else:
+        voiced = sum(end - start for start, end in speech)
+        print(f"{length} of audio, speech {voiced:.1f} s in {len(speech)} segment(s)")
+        for start, end in speech:
+            print(f"  {start:8.2f} - {end:8.2f} s")
+    if alerts:
+        print("\n".join(incident_table(alerts)))
+    print(f"-- {summary['incidents']} incident(s)")
+
+
 class _ProgressBar:
     """A progress bar on stderr while a recording is analysed, only when stderr is a terminal."""
 

@@ -167,6 +167,10 @@ class Settings(BaseSettings):
     body_pose: bool = Field(default=True, description="Body pose: shoulders in frame, hand near ear")
     pose_fps: float = Field(default=2.0, gt=0, description="Body pose runs per second per session")
     segmentation: bool = Field(default=True, description="Person segmentation when no face is found (presence)")
+    vad: bool = Field(default=True, description="Voice activity (Silero VAD) on session audio: the speech signal")
+    vad_threshold: float = Field(
+        default=0.55, ge=0, le=1, description="Speech probability above which a 32 ms audio frame counts as voiced"
+    )
 
     # --- outbox and dispatcher
     outbox: str = Field(default="sql", description="Where alerts wait for delivery: sql (embedded) or redis")

@@ -145,7 +145,8 @@ def test_audio_stages_run_on_audio_windows() -> None:
     register_stage(Speech)
     register_stage(Level)
     try:
-        models = ModelSet.load(face_mesh=False, objects_model="none", body_pose=False, segmentation=False)
+        # The built-in vad stage off: this test's stage writes "speech" in its place.
+        models = ModelSet.load(face_mesh=False, objects_model="none", body_pose=False, segmentation=False, vad=False)
         quiet = models.analyze_audio(np.zeros(16000, np.int16), 0, 0.0)
         loud = models.analyze_audio(np.full(16000, 3000, np.int16), 1, 1.0, clock=ModelClock())
     finally:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from livekit_proctor.analyzer.fusion import Observation
+from livekit_proctor.analyzer.rules.audio import FEATURE as AUDIO_FEATURE
+from livekit_proctor.analyzer.rules.audio import THRESHOLDS as AUDIO_THRESHOLDS
+from livekit_proctor.analyzer.rules.audio import VOICE_DETECTED, voice_rule
 from livekit_proctor.analyzer.rules.incident import DistractionRule, DurationRule
 from livekit_proctor.analyzer.rules.spoof import FEATURE as SPOOF_FEATURE
 from livekit_proctor.analyzer.rules.spoof import THRESHOLDS as SPOOF_THRESHOLDS
@@ -57,8 +60,9 @@ class RuleSpec:
     feedback: str | None = None  # what the candidate is told when an incident starts
     evidence_group: str | None = None  # strong evidence of this kind; two kinds at once: HIGH_CONFIDENCE_CHEATING
     # "frame": a DurationRule over observations; "control": session state (CAMERA_OFF & co.); "meta": after the
-    # frame rules, over their incidents
-    kind: Literal["frame", "control", "meta"] = "frame"
+    # frame rules, over their incidents; "audio": a rule (its `build`) over the VAD frames of the session's audio
+    # (rules/audio.py)
+    kind: Literal["frame", "control", "meta", "audio"] = "frame"
     condition: Condition | None = None
     measure: Measure = lambda o: None  # the value that raised it, for evidence and severity
     measure_name: str = "value"
@@ -191,6 +195,10 @@ BUILTIN: tuple[RuleSpec, ...] = (
         E.FREQUENT_DISTRACTION, "gaze", 0.0, 0.0, cooldown_s=60.0, severity=0.5, severity_per_unit=0.05,
         risk_weight=12, build=_distraction,
     ),
+    RuleSpec(  # speech heard (rules/audio.py): probability > voice_probability for > trigger_after_s
+        VOICE_DETECTED, AUDIO_FEATURE, 2.0, 1.0, cooldown_s=10.0, severity=0.4, risk_weight=6,
+        measure_name="speech_probability", thresholds=AUDIO_THRESHOLDS, build=voice_rule, kind="audio",
+    ),
     RuleSpec(
         E.CAMERA_OFF, "face_detection", 2.0, 0.0, cooldown_s=0.0, severity=0.5, risk_weight=15, kind="control",
         feedback="Your camera is off. Please turn it back on.",
@@ -223,6 +231,8 @@ def register_rule(spec: RuleSpec) -> RuleSpec:
         raise ValueError(f"rule {spec.event_type}: unknown feature {spec.feature!r}; known: {list(FEATURES)}")
     if spec.kind == "frame" and spec.condition is None and spec.build is None:
         raise ValueError(f"rule {spec.event_type}: a frame rule needs a condition (or a build)")
+    if spec.kind == "audio" and spec.build is None:
+        raise ValueError(f"rule {spec.event_type}: an audio rule needs a build (rules/audio.py)")
     register_event_type(spec.event_type)
     _catalog[str(spec.event_type)] = spec
     return spec

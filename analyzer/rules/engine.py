@@ -10,9 +10,10 @@ from typing import Any
 
 from livekit_proctor.analyzer.fusion import PresenceFusion
 from livekit_proctor.analyzer.rules import catalog
+from livekit_proctor.analyzer.rules.audio import AudioObservation
 from livekit_proctor.analyzer.rules.incident import Condition, ControlRule, DurationRule, RuleEvent
 from livekit_proctor.analyzer.rules.verification import Check, Verifier
-from livekit_proctor.analyzer.signals import FrameSignals
+from livekit_proctor.analyzer.signals import AudioSignals, FrameSignals
 from livekit_proctor.contracts.alerts import IncidentState
 from livekit_proctor.contracts.api import EffectivePolicy
 
@@ -98,6 +99,7 @@ class RuleEngine:
         self.rules: list[DurationRule] = []  # frame rules, in catalog order
         self.controls: dict[str, ControlRule] = {}
         self.metas: list[DurationRule] = []  # over the frame rules' incidents (HIGH_CONFIDENCE_CHEATING)
+        self.audio_rules: list[DurationRule[AudioObservation]] = []  # over the VAD frames (rules/audio.py)
         for spec in catalog.rules():
             p = policy.rules.get(str(spec.event_type))
             if p is None or not p.enabled:  # off, or unknown when the session started (its policy is kept)
@@ -116,6 +118,8 @@ class RuleEngine:
                 self.controls[str(spec.event_type)] = rule
             elif spec.kind == "meta":
                 self.metas.append(rule)
+            elif spec.kind == "audio":
+                self.audio_rules.append(rule)
             else:
                 self.rules.append(rule)
         self._last_ts: float | None = None
@@ -127,7 +131,13 @@ class RuleEngine:
 
     def strong_open(self) -> list[str]:
         """Open frame incidents that are strong evidence (the catalog's evidence_group), by event type."""
-        return sorted({str(x.event_type) for x in self.rules if x.active is not None and catalog.group(x.event_type)})
+        return sorted(
+            {
+                str(x.event_type)
+                for x in [*self.rules, *self.audio_rules]
+                if x.active is not None and catalog.group(x.event_type)
+            }
+        )
 
     def _account(self, events: list[RuleEvent]) -> list[RuleEvent]:
         for ev in events:
@@ -154,6 +164,26 @@ class RuleEngine:
             out.extend(self._account(events))
         return out
 
+    def observe_audio(self, s: AudioSignals) -> list[RuleEvent]:
+        """The audio rules over one analysed audio window: one AudioObservation per VAD frame, in capture time.
+        A window without the "speech" signal (the vad stage is off) says nothing."""
+        speech = s.values.get("speech")
+        if speech is None or not self.audio_rules:
+            return []
+        out: list[RuleEvent] = []
+        for prob, ts in zip(speech.probs.tolist(), speech.frame_ts.tolist(), strict=True):
+            o = AudioObservation(s.seq, ts, s.model, prob, s.values)
+            for rule in self.audio_rules:
+                out.extend(self._account(rule.observe(o)))
+        return out
+
+    def reset_audio(self, ts: float, reason: str) -> list[RuleEvent]:
+        """No audio evidence from now on (microphone off): audio incidents end, pending ones start over."""
+        out: list[RuleEvent] = []
+        for rule in self.audio_rules:
+            out.extend(self._account(rule.close(ts, reason)))
+        return out
+
     def control(self, event: str, on: bool, ts: float, reason: str) -> list[RuleEvent]:
         rule = self.controls.get(event)
         return self._account(rule.set(on, ts, reason) if rule else [])
@@ -173,13 +203,13 @@ class RuleEngine:
         return out
 
     def close_all(self, ts: float, reason: str) -> list[RuleEvent]:
-        out = self.reset_frames(ts, reason)
+        out = self.reset_frames(ts, reason) + self.reset_audio(ts, reason)
         for rule in self.controls.values():
             out.extend(self._account(rule.close(ts, reason)))
         return out
 
     def open_incidents(self) -> list[dict[str, Any]]:
-        frame_rules: list[Any] = [*self.rules, *self.metas]
+        frame_rules: list[Any] = [*self.rules, *self.metas, *self.audio_rules]
         out = [
             {"event_type": str(x.event_type), "incident_id": x.active.incident_id, "since": x.active.onset_ts}
             for x in [*frame_rules, *self.controls.values()]
@@ -194,7 +224,7 @@ class RuleEngine:
     def snapshot(self) -> dict[str, Any]:
         """JSON-safe state that a restart needs: open and pending incidents, cooldowns, calibration, risk, the
         face checks' consecutive mismatches, tracked face and latest result."""
-        frame_rules = [*self.rules, *self.metas]
+        frame_rules = [*self.rules, *self.metas, *self.audio_rules]
         return {
             "v": self.SNAPSHOT_VERSION,
             "rules": {str(r.event_type): snap for r in frame_rules if (snap := r.snapshot()) is not None},
@@ -209,7 +239,7 @@ class RuleEngine:
         """The inverse of snapshot(); state of rules the policy no longer has is ignored."""
         if d.get("v") != self.SNAPSHOT_VERSION:
             return
-        frame_rules = {str(r.event_type): r for r in [*self.rules, *self.metas]}
+        frame_rules = {str(r.event_type): r for r in [*self.rules, *self.metas, *self.audio_rules]}
         for name, snap in d.get("rules", {}).items():
             if name in frame_rules:
                 frame_rules[name].restore(snap)

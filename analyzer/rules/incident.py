@@ -15,7 +15,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,23 @@ UPDATE_INTERVAL_S = 30.0
 # What the candidate is told when an incident starts (proctor alerts stay separate).
 
 
+class Observed(Protocol):
+    """What a duration rule observes: a video Observation (fusion.py), or an audio one (rules/audio.py)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def ts(self) -> float: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def preview(self) -> np.ndarray | None: ...
+    def evidence(self) -> dict[str, Any]: ...
+
+
+Obs = TypeVar("Obs", bound=Observed)
+
+
 @dataclass(slots=True)
 class RuleEvent:
     """What a rule reports; the session turns it into a canonical Alert."""
@@ -45,7 +62,7 @@ class RuleEvent:
     severity: float
     model: str
     evidence: dict[str, Any]
-    observation: Observation | None = field(default=None, repr=False)
+    observation: Observed | None = field(default=None, repr=False)
     # What the candidate is told (the catalog's feedback text; only on "started"); set by the engine.
     feedback: str | None = None
 
@@ -70,7 +87,7 @@ Condition = Callable[[Observation], "bool | None"]
 
 
 @dataclass
-class DurationRule:
+class DurationRule(Generic[Obs]):
     """Raises an incident when `condition` has held for more than trigger_after_s.
 
     condition returns None when the frame says nothing about it (no mesh, a blink, no detector):
@@ -79,8 +96,8 @@ class DurationRule:
     """
 
     event_type: str
-    condition: Condition
-    measure: Callable[[Observation], float | None]  # the value that raised it, for evidence and severity
+    condition: Callable[[Obs], bool | None]
+    measure: Callable[[Obs], float | None]  # the value that raised it, for evidence and severity
     measure_name: str
     threshold: float | None  # the measured-value threshold, for evidence
     policy: RulePolicy
@@ -103,7 +120,7 @@ class DurationRule:
         dur_term = min(0.2, 0.2 * duration / horizon)  # longer incidents weigh more
         return round(min(1.0, self.base_severity + self.severity_per_unit * excess + dur_term), 3)
 
-    def observe(self, o: Observation) -> list[RuleEvent]:
+    def observe(self, o: Obs) -> list[RuleEvent]:
         out: list[RuleEvent] = []
         if self._last_seen is not None and o.ts < self._last_seen:
             if self._last_seen - o.ts <= 1.0:
@@ -164,7 +181,7 @@ class DurationRule:
         return [ev]
 
     def _event(
-        self, state: IncidentState, ts: float, o: Observation | None, value: float | None, reason: str | None = None
+        self, state: IncidentState, ts: float, o: Obs | None, value: float | None, reason: str | None = None
     ) -> RuleEvent:
         inc = self._active
         assert inc is not None
@@ -184,7 +201,7 @@ class DurationRule:
                 "trigger_frame_seq": inc.trigger_seq,
             }
         )
-        if o is not None:
+        if isinstance(o, Observation):
             evidence["face_scores"] = [round(x, 3) for x in o.face_scores]
         if reason:
             evidence["end_reason"] = reason
@@ -227,7 +244,7 @@ class DurationRule:
         self._cooldown_until = float(d.get("cooldown_until", -math.inf))
 
 
-class DistractionRule(DurationRule):
+class DistractionRule(DurationRule[Observation]):
     """FREQUENT_DISTRACTION: more than N off-screen episodes within a sliding window."""
 
     def __init__(self, policy: RulePolicy, count: int, window_s: float) -> None:

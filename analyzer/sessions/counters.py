@@ -32,6 +32,7 @@ class Counters:
     frames_rejected: int = 0  # oversize, not JPEG, undecodable
     audio_chunks: int = 0
     audio_bytes: int = 0
+    audio_analysed_bytes: int = 0  # went through the audio stages (all of audio_bytes once the queue is drained)
     audio_rejected: int = 0
     messages_malformed: int = 0
     feedback_sent: int = 0
@@ -47,6 +48,7 @@ class Counters:
         return SessionCounters(
             **{k: getattr(self, k) for k in _INTS},
             audio_seconds=self.audio_seconds,
+            audio_analysed_seconds=round(self.audio_analysed_bytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH), 3),
             alerts_by_type=dict(self.alerts_by_type),
             incidents_suppressed=dict(self.incidents_suppressed),
         )
@@ -54,6 +56,7 @@ class Counters:
     def to_json(self) -> dict[str, Any]:
         d = self.public().model_dump()
         d["audio_bytes"] = self.audio_bytes  # exact; audio_seconds is rounded
+        d["audio_analysed_bytes"] = self.audio_analysed_bytes
         return d
 
     @classmethod
@@ -64,6 +67,7 @@ class Counters:
         c.audio_bytes = int(
             d.get("audio_bytes", float(d.get("audio_seconds", 0)) * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
         )
+        c.audio_analysed_bytes = int(d.get("audio_analysed_bytes", 0))
         c.alerts_by_type = Counter(d.get("alerts_by_type", {}))
         c.incidents_suppressed = Counter(d.get("incidents_suppressed", {}))
         return c

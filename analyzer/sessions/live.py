@@ -10,10 +10,13 @@ summary at the end), written in a thread, never on the event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from livekit_proctor import observability
 from livekit_proctor.analyzer.alerting import AlertBuilder
@@ -53,6 +56,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__package__)  # livekit_proctor.analyzer.sessions, as docs/operations.md shows
 
 Frame = tuple[MediaMessage, float, int]  # (message, arrival perf_counter, its number among frames offered)
+AUDIO_WINDOW_S = 0.5  # audio is analysed in windows of this length (a shorter one only when a ping waits for it)
+AUDIO_WINDOW_BYTES = int(AUDIO_WINDOW_S * AUDIO_SAMPLE_RATE) * AUDIO_SAMPLE_WIDTH
+AUDIO_GAP_S = 0.5  # a chunk further than this from where the held audio ends starts a new window
 
 
 class LiveSession:
@@ -100,6 +106,12 @@ class LiveSession:
         self.recent = FrameBuffer(settings.verify_frame_buffer_s, settings.verify_frame_buffer_bytes)
         self.audio = AudioQueue(int(settings.audio_queue_seconds * AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH))
         self.audio_paused_hint = False
+        # The audio worker's window being assembled: PCM not yet analysed, the capture time of its first sample,
+        # and how many received chunks have samples in it (they count as processed once it is analysed).
+        self._pcm = bytearray()
+        self._pcm_ts = 0.0
+        self._pcm_chunks = 0
+        self._audio_seq = 0
         self.barrier = Barrier()
         self.fanout = Fanout(settings.subscriber_queue)
         builder = AlertBuilder(
@@ -374,6 +386,8 @@ class LiveSession:
                 events += self.engine.reset_frames(ts, reason)
             events += self.engine.control(EventType.CAMERA_OFF, off, now, reason)
         elif track == "microphone":
+            if off:  # without audio there is no evidence: open audio incidents end
+                events += self.engine.reset_audio(ts, reason)
             events += self.engine.control(EventType.MICROPHONE_OFF, off, now, reason)
         elif event == ControlEvent.PARTICIPANT_LEFT:
             events += self.engine.reset_frames(ts, reason)
@@ -466,14 +480,74 @@ class LiveSession:
         self.m.metrics.frame_to_signal.observe(time.perf_counter() - arrived)
 
     async def _audio_worker(self) -> None:
-        # Audio models come with the audio issue; here audio is accounted for and released.
+        """Assembles the session's PCM into AUDIO_WINDOW_S windows (the remainder waits for the next chunk) and
+        runs the audio stages on each in the inference pool, in order; their signals go to the rule engine. No
+        audio is dropped: the queue holds it (backpressure) until this worker takes it. A ping waiting for audio
+        gets the held part of a window analysed at once, so the barrier keeps its meaning."""
         while True:
-            msg = await self.audio.get()
+            msg = await self._next_audio()
+            if msg is None:  # a ping waits for the audio held here
+                self.barrier.audio_flush.clear()
+                await self._analyse_window(len(self._pcm))
+                continue
+            rate = AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH
             self.counters.audio_bytes += len(msg.payload)
-            self.m.metrics.audio_seconds.inc(len(msg.payload) / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH))
+            self.m.metrics.audio_seconds.inc(len(msg.payload) / rate)
             self._update_audio_hint()  # a flow hint goes out before the pong it may precede
-            self.barrier.audio_processed()
+            if self._pcm and abs(msg.capture_ts - (self._pcm_ts + len(self._pcm) / rate)) > AUDIO_GAP_S:
+                await self._analyse_window(len(self._pcm))  # a gap: what is held ends here
+            if not self._pcm:
+                self._pcm_ts = msg.capture_ts
+            self._pcm += msg.payload
+            self._pcm_chunks += 1
+            while len(self._pcm) >= AUDIO_WINDOW_BYTES:
+                await self._analyse_window(AUDIO_WINDOW_BYTES)
             await asyncio.sleep(0)
+
+    async def _next_audio(self) -> MediaMessage | None:
+        """The next chunk; None when a ping waits for audio held in an incomplete window and no chunk is queued."""
+        if len(self.audio) or not self._pcm:
+            return await self.audio.get()
+        if self.barrier.audio_flush.is_set():
+            return None
+        get = asyncio.ensure_future(self.audio.get())
+        flush = asyncio.ensure_future(self.barrier.audio_flush.wait())
+        try:
+            await asyncio.wait({get, flush}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            flush.cancel()
+            if not get.done():
+                get.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await get
+        if get.done() and not get.cancelled():
+            return get.result()  # a chunk came (or came as well): it goes first, the flush is asked again
+        return None
+
+    async def _analyse_window(self, nbytes: int) -> None:
+        """Analyses the first `nbytes` of the held PCM; chunks all of whose samples are now analysed count as
+        processed (for the ping barrier) even when the analysis fails (the supervisor logs and restarts)."""
+        nbytes -= nbytes % AUDIO_SAMPLE_WIDTH
+        window, ts = bytes(self._pcm[:nbytes]), self._pcm_ts
+        del self._pcm[:nbytes]
+        self._pcm_ts += nbytes / (AUDIO_SAMPLE_RATE * AUDIO_SAMPLE_WIDTH)
+        # The held remainder is always a suffix of the newest chunk: the chunks before it are done.
+        done = self._pcm_chunks if not self._pcm else self._pcm_chunks - 1
+        self._pcm_chunks -= done
+        try:
+            if window and self.m.models.audio:
+                seq, self._audio_seq = self._audio_seq, self._audio_seq + 1
+                pcm = np.frombuffer(window, np.int16)
+                sig = await self.m.pool.run(self.m.models.analyze_audio, pcm, seq, ts, AUDIO_SAMPLE_RATE, self.clock)
+                for model, ms in sig.latency_ms.items():
+                    self.m.metrics.inference_latency.labels(model).observe(ms / 1000)
+                if self.state == "active":
+                    with observability.rules_span():
+                        events = self.engine.observe_audio(sig)
+                    await self.emit(events)
+            self.counters.audio_analysed_bytes += len(window)  # not a failed window (worker_errors counts that)
+        finally:
+            self.barrier.audio_processed(done)
 
     # ---- out
 
@@ -514,10 +588,11 @@ class LiveSession:
 
     async def close(self, reason: str) -> None:
         """Ends open incidents (their end alerts are emitted) and stops the workers."""
-        # Let the audio queue drain: audio is never silently dropped.
+        # Let the audio queue drain, the last incomplete window included: audio is never silently dropped.
         for _ in range(100):
-            if not len(self.audio):
+            if not len(self.audio) and not self._pcm:
                 break
+            self.barrier.audio_flush.set()
             await asyncio.sleep(0.01)
         ts = self.last_media_ts or self.engine.last_ts or time.time()
         self.state = "ended"

@@ -80,6 +80,9 @@ class Barrier:
         self.audio_in = self.audio_done = 0
         self._open = True
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        # Set while a ping waits for audio: the audio worker then analyses the part of a window it holds back
+        # (windows are otherwise analysed only when full) and clears it.
+        self.audio_flush = asyncio.Event()
 
     def video_received(self) -> int:
         """Counts a frame offered for analysis; returns its number (frames before it are done with it)."""
@@ -93,8 +96,8 @@ class Barrier:
     def audio_received(self) -> None:
         self.audio_in += 1
 
-    def audio_processed(self) -> None:
-        self.audio_done += 1
+    def audio_processed(self, n: int = 1) -> None:
+        self.audio_done += n
         self._release()
 
     def close(self) -> None:
@@ -106,6 +109,8 @@ class Barrier:
         if self._open and (self.video_done < self.video_in or self.audio_done < self.audio_in):
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append((self.video_in, self.audio_in, fut))
+            if self.audio_done < self.audio_in:
+                self.audio_flush.set()
             await fut
 
     def _release(self) -> None:

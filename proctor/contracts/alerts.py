@@ -51,6 +51,10 @@ class EventType(StrEnum):
     # A presentation attack (a photo or a screen held up to the camera) suspected by a labelled heuristic;
     # opt-in per session (feature `presentation_attack`), evidence.method says which check raised it.
     SPOOF_SUSPECTED = "SPOOF_SUSPECTED"
+    # Speech on the candidate's microphone (voice activity, analyzer/rules/audio.py). Listed here, not only
+    # registered by the catalog: processes that parse alerts without loading the catalog (clients, bench/loadgen)
+    # must know it.
+    VOICE_DETECTED = "VOICE_DETECTED"
 
 
 EVENT_TYPE_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{1,63}$")

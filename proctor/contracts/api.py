@@ -226,6 +226,11 @@ class SessionCounters(BaseModel):
     frames_rejected: int = 0
     audio_chunks: int = 0
     audio_seconds: float = 0.0
+    audio_analysed_seconds: float = Field(
+        default=0.0,
+        description="Audio that went through the audio stages (voice activity); equals audio_seconds "
+        "once the session's audio queue is drained (audio is never dropped)",
+    )
     audio_rejected: int = 0
     messages_malformed: int = 0
     feedback_sent: int = 0

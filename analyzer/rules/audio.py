@@ -1,0 +1,98 @@
+"""Rules over the session's audio: VOICE_DETECTED (speech heard for longer than trigger_after_s).
+
+Audio rules are catalog entries of kind "audio" (catalog.py). The engine feeds them one `AudioObservation` per
+32 ms VAD frame of each analysed audio window (RuleEngine.observe_audio), in capture time, so their timing is as
+fine as the VAD's and independent of how the session's audio was cut into windows. They are DurationRules like
+the frame rules: hysteresis, cooldown, snapshot / restore across restarts work the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from livekit_proctor.analyzer.detectors.vad import FRAME_S
+from livekit_proctor.analyzer.rules.incident import DurationRule, RuleEvent
+from livekit_proctor.contracts.alerts import EventType as E
+from livekit_proctor.contracts.alerts import IncidentState
+from livekit_proctor.contracts.api import RulePolicy
+
+if TYPE_CHECKING:
+    from livekit_proctor.analyzer.rules.catalog import Limits, RuleSpec
+    from livekit_proctor.analyzer.rules.engine import RuleEngine
+
+VOICE_DETECTED = E.VOICE_DETECTED
+FEATURE = "audio"
+THRESHOLDS = {"voice_probability": 0.8}  # a 32 ms frame counts toward VOICE_DETECTED above this speech probability
+
+
+@dataclass(slots=True)
+class AudioObservation:
+    """One 32 ms VAD frame of an analysed audio window."""
+
+    seq: int  # the audio window's number in this session
+    ts: float  # capture time of the frame's first sample
+    model: str
+    speech_probability: float
+    values: dict[str, Any] = field(default_factory=dict, repr=False)  # the window's signals (analyzer/stages.py)
+
+    @property
+    def preview(self) -> np.ndarray | None:
+        return None  # no picture: audio alerts carry no thumbnail
+
+    def evidence(self) -> dict[str, Any]:
+        return {"audio_window_seq": self.seq, "speech_probability": round(self.speech_probability, 3)}
+
+
+class VoiceRule(DurationRule[AudioObservation]):
+    """Speech probability above `voice_probability` for more than trigger_after_s (short pauses between words,
+    under PENDING_GAP_TOLERANCE_S, do not break it). The evidence says how long was voiced and the mean speech
+    probability from the condition's start to its last voiced frame (the silence that ends it is not counted)."""
+
+    def __init__(self, spec: RuleSpec, p: RulePolicy, t: Limits) -> None:
+        threshold = t.voice_probability
+        super().__init__(
+            spec.event_type, lambda o: o.speech_probability > threshold, lambda o: o.speech_probability,
+            "speech_probability", threshold, p, spec.severity, spec.severity_per_unit,
+        )  # fmt: skip
+        self._frames = self._voiced = 0
+        self._prob_sum = 0.0
+        self._upto = (0, 0, 0.0)  # (frames, voiced frames, probability sum) up to the last voiced frame
+
+    def observe(self, o: AudioObservation) -> list[RuleEvent]:
+        if self._onset is None:  # a new condition (or none yet): count from here
+            self._frames = self._voiced = 0
+            self._prob_sum = 0.0
+            self._upto = (0, 0, 0.0)
+        voiced = self.threshold is not None and o.speech_probability > self.threshold
+        self._frames += 1
+        self._voiced += voiced
+        self._prob_sum += o.speech_probability
+        if voiced:
+            self._upto = (self._frames, self._voiced, self._prob_sum)
+        return super().observe(o)
+
+    def _event(
+        self,
+        state: IncidentState,
+        ts: float,
+        o: AudioObservation | None,
+        value: float | None,
+        reason: str | None = None,
+    ) -> RuleEvent:
+        ev = super()._event(state, ts, o, value, reason)
+        # The observations' seq numbers are audio windows, not video frames: say so in the evidence's names.
+        for which in ("first", "trigger"):
+            if f"{which}_frame_seq" in ev.evidence:
+                ev.evidence[f"{which}_audio_window_seq"] = ev.evidence.pop(f"{which}_frame_seq")
+        frames, voiced, prob_sum = self._upto
+        if frames:
+            ev.evidence["voiced_s"] = round(voiced * FRAME_S, 3)
+            ev.evidence["mean_speech_probability"] = round(prob_sum / frames, 3)
+        return ev
+
+
+def voice_rule(spec: RuleSpec, p: RulePolicy, t: Limits, engine: RuleEngine) -> VoiceRule:
+    return VoiceRule(spec, p, t)
