@@ -10,6 +10,9 @@ SileroVad state in 0.5 s windows, as a live session does; each 32 ms frame gets 
   non_speech audio/non_speech/*: every frame is non-speech (44.1 / 48 kHz files resampled). False-positive rate.
   pooled     the threshold is chosen on the curve over the labelled frames AND the non-speech frames together
              (best F1), not on a single file; the figures are also given at the stage's default threshold.
+  rttm       audio/multi_speaker/*.wav: a frame is speech when its midpoint lies in any speaker turn of the RTTM
+             file beside it (turns are annotated per speaker, so short pauses inside a turn count as speech and
+             gaps between turns as non-speech). Frame-level precision / recall / F1 at the chosen threshold.
   librispeech audio/single_speaker/*: read speech without frame labels: the voiced fraction per file (read speech
              has pauses, so not 1.0) and the longest voiced run, which VOICE_DETECTED (> 0.8 for > 2 s) needs.
 Cost: ms of CPU per second of audio (one thread), beside one BlazeFace full-range detection on a 640x480 OEP frame
@@ -70,6 +73,18 @@ def labels(csv_path: Path, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if row["speech_start_s"]:
                 speech |= (mid >= float(row["speech_start_s"])) & (mid < float(row["speech_end_s"]))
     return inside, speech
+
+
+def rttm_speech(rttm: Path, starts: np.ndarray) -> np.ndarray:
+    """Per frame: its midpoint lies in a speaker turn (`SPEAKER <uri> 1 <start> <dur> ...`)."""
+    mid = starts + FRAME_S / 2
+    speech = np.zeros(len(mid), bool)
+    for line in rttm.read_text().splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[0] == "SPEAKER":
+            t0, dur = float(f[3]), float(f[4])
+            speech |= (mid >= t0) & (mid < t0 + dur)
+    return speech
 
 
 def prf(probs: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
@@ -153,6 +168,16 @@ def main() -> int:
             "voiced_fraction": round(float(np.mean(probs > DEFAULT_THRESHOLD)), 3),
             "longest_run_s_over_0.8": round(longest_run_s(probs, RULE_PROB), 3),
         }
+    rttm_p, rttm_t = [], []
+    out["rttm"] = {}
+    for rttm in sorted((audio / "multi_speaker").glob("*.rttm")):
+        pcm = read_audio(rttm.with_suffix(".wav"))
+        probs, starts, cpu = stream_probs(vad, pcm)
+        cpu_s, audio_s = cpu_s + cpu, audio_s + len(pcm) / SAMPLE_RATE
+        truth = rttm_speech(rttm, starts)
+        rttm_p.append(probs)
+        rttm_t.append(truth)
+        out["rttm"][rttm.stem] = {"frames": len(probs), "speech_frames": int(truth.sum())}
     lp, lt = np.concatenate(lab_p), np.concatenate(lab_t)
     pool_p = np.concatenate([lp, *neg_p])
     pool_t = np.concatenate([lt, np.zeros(sum(len(n) for n in neg_p), bool)])
@@ -163,6 +188,13 @@ def main() -> int:
     out["labelled_at_chosen"] = prf(lp, lt, best["threshold"])
     out["labelled_at_default"] = prf(lp, lt, DEFAULT_THRESHOLD)
     out["pooled_at_default"] = prf(pool_p, pool_t, DEFAULT_THRESHOLD)
+    if rttm_p:
+        rp, rt = np.concatenate(rttm_p), np.concatenate(rttm_t)
+        out["rttm_at_chosen"] = prf(rp, rt, best["threshold"])
+        out["rttm_at_default"] = prf(rp, rt, DEFAULT_THRESHOLD)
+        for name, p_, t_ in zip(out["rttm"], rttm_p, rttm_t, strict=True):
+            out["rttm"][name].update(prf(p_, t_, DEFAULT_THRESHOLD))
+        out["rttm_curve"] = [prf(rp, rt, round(float(t), 2)) for t in np.arange(0.05, 1.0, 0.05)]
     neg = np.concatenate(neg_p)
     out["non_speech_false_positive_rate_at_default"] = round(float(np.mean(neg > DEFAULT_THRESHOLD)), 4)
     fired = [k for k, v in out["non_speech"].items() if v["longest_run_s_over_0.8"] > RULE_S]
@@ -184,6 +216,12 @@ def main() -> int:
     print(f"labelled frames at chosen: {out['labelled_at_chosen']}")
     print(f"labelled frames at default: {out['labelled_at_default']}")
     print(f"non-speech false-positive frame rate at default: {out['non_speech_false_positive_rate_at_default']}")
+    if "rttm_at_default" in out:
+        print(f"multi-speaker files vs their RTTM turns, at default: {out['rttm_at_default']}")
+        for k, v in out["rttm"].items():
+            print(f"  {k}: {v}")
+        best_rttm = max(out["rttm_curve"], key=lambda c: c["f1"])
+        print(f"  (best on this set alone, for reference only: {best_rttm})")
     for k, v in out["non_speech"].items():
         print(f"  {k}: {v}")
     print(f"a run > {RULE_PROB} for > {RULE_S} s (VOICE_DETECTED) on non-speech: {fired}")
