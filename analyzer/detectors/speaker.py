@@ -49,8 +49,8 @@ TARGET_DBFS = -30.0  # Resemblyzer's audio_norm_target_dBFS (raised to, never lo
 
 # Cosine similarity of a 1.6 s partial to a cluster's mean at or above which it joins that cluster, and of a
 # partial to the enrolled voice at or above which it is the candidate's (bench/speakers.py ROCs).
-CLUSTER_THRESHOLD = 0.75
-ENROLL_THRESHOLD = 0.75
+CLUSTER_THRESHOLD = 0.70
+ENROLL_THRESHOLD = 0.66
 
 HOP_S = 0.8  # a new partial every 0.8 s of voiced audio (50 % overlap)
 MAX_GAP_S = 0.3  # a pause shorter than this does not end a voiced run
@@ -346,8 +346,12 @@ class Speakers:
             "speakers": self.speakers,
             "clusters": self.clusters,
             "partials": [
-                {"start": round(p.start, 3), "end": round(p.end, 3), "speaker": p.speaker,
-                 "similarity": round(p.similarity, 3)}  # fmt: skip
+                {
+                    "start": round(p.start, 3),
+                    "end": round(p.end, 3),
+                    "speaker": p.speaker,
+                    "similarity": round(p.similarity, 3),
+                }
                 for p in self.partials
             ],
             "min_enrolled_similarity": None
@@ -357,9 +361,14 @@ class Speakers:
 
 
 class SpeakerSettings(StageSettings):
-    speaker_embedding: bool = Field(True, description="embed voiced audio and count speakers (Resemblyzer GE2E)")
+    speaker_embedding: bool = Field(
+        default=True, description="embed voiced audio and count speakers (Resemblyzer GE2E)"
+    )
     speaker_threshold: float = Field(
-        CLUSTER_THRESHOLD, ge=-1.0, le=1.0, description="cosine similarity at which a voice joins a speaker cluster"
+        default=CLUSTER_THRESHOLD,
+        ge=-1.0,
+        le=1.0,
+        description="cosine similarity at which a voice joins a speaker cluster",
     )
 
 
