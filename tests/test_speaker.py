@@ -107,6 +107,9 @@ class FakeSpeech:
     voiced: np.ndarray
     frame_ts: np.ndarray
 
+    def __bool__(self) -> bool:  # Due(if_speech=True) asks this, like Speech
+        return bool(np.any(self.voiced))
+
 
 def test_stage_embeds_only_voiced_audio_and_keeps_state_per_stream() -> None:
     stage = spk.SpeakerStage(spk.SpeakerSettings())
@@ -123,5 +126,36 @@ def test_stage_embeds_only_voiced_audio_and_keeps_state_per_stream() -> None:
     # 1.6 s partials every 0.8 s of voiced audio: the first after 1.6 s, the last one ends the run at 3 s
     assert [len(r.partials) for r in results] == [0, 1, 1, 1]
     assert results[-1].speakers >= 1 and state.clusters
-    assert stage.run(noise[:8000], sig).partials == []  # `run` alone: a fresh stream, too short to embed
+    assert stage.run(noise[:8000], sig).partials == []  # `run` alone: a fresh stream, 0.5 s: too short to embed
+    assert len(stage.run(noise, sig).partials) == 0  # the window's frames are all unvoiced (k = 3)
     assert stage.new_state() is not state and not stage.new_state().clusters
+
+
+def test_registered_stage_runs_after_a_speech_stage_only_on_voiced_windows() -> None:
+    from livekit_proctor.analyzer.pipeline import ModelSet
+    from livekit_proctor.analyzer.signals import Signals
+    from livekit_proctor.analyzer.stages import Stage, register_stage, unregister_stage
+
+    class FakeVad(Stage):
+        """Stands in for the vad stage (not on this branch): every 32 ms frame with RMS above 500 is voiced."""
+
+        name, writes, media, model = "fake_vad", "speech", "audio", "test.energy_vad"
+
+        def run(self, media: np.ndarray, signals: Signals) -> FakeSpeech:
+            frames = media[: len(media) // 512 * 512].astype(np.float64).reshape(-1, 512)
+            voiced = np.sqrt(np.mean(frames**2, axis=1)) > 500
+            return FakeSpeech(voiced, signals.ts + np.arange(len(voiced)) * 0.032)
+
+    register_stage(FakeVad)
+    register_stage(spk.SpeakerStage)
+    try:
+        models = ModelSet.load(face_mesh=False, objects_model="none", body_pose=False, segmentation=False)
+        voice = (np.clip(librispeech("1998", 0)[: 4 * spk.SAMPLE_RATE], -1, 1) * 32767).astype(np.int16)
+        quiet = models.analyze_audio(np.zeros(2 * spk.SAMPLE_RATE, np.int16), 0, 0.0)
+        loud = models.analyze_audio(voice, 1, 2.0)
+    finally:
+        unregister_stage(spk.SpeakerStage)
+        unregister_stage(FakeVad)
+    assert "speakers" not in quiet.values  # no speech: not due
+    speakers = loud.values["speakers"]
+    assert speakers.partials and speakers.speakers == 1 and loud.latency_ms["resemblyzer.onnx"] > 0

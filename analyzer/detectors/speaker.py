@@ -278,7 +278,6 @@ class SpeakerTracker:
             frame_s = (speech.frame_ts[1] - speech.frame_ts[0]) if len(speech.frame_ts) > 1 else 0.032
             for start in np.asarray(speech.frame_ts)[np.asarray(speech.voiced, bool)]:
                 mask |= (t >= start) & (t < start + frame_s)
-        out: list[Partial] = []
         wavs: list[tuple[np.ndarray, float]] = []
         i = 0
         while i < len(x):
@@ -299,10 +298,17 @@ class SpeakerTracker:
             i = b
         if self._run_end is not None and ts + len(x) / SAMPLE_RATE - self._run_end > MAX_GAP_S:
             wavs += self._close_run()
-        if wavs:
-            embs = encoder.embed_partials([normalize_volume(w) for w, _ in wavs])
-            out = [self.assign(e, s, s + PARTIAL_SAMPLES / SAMPLE_RATE) for e, (_, s) in zip(embs, wavs, strict=True)]
-        return out
+        return self._embed(encoder, wavs)
+
+    def flush(self, encoder: SpeakerEncoder) -> list[Partial]:
+        """Ends the current voiced run (the end of the stream): embeds its tail when it is long enough."""
+        return self._embed(encoder, self._close_run())
+
+    def _embed(self, encoder: SpeakerEncoder, wavs: list[tuple[np.ndarray, float]]) -> list[Partial]:
+        if not wavs:
+            return []
+        embs = encoder.embed_partials([normalize_volume(w) for w, _ in wavs])
+        return [self.assign(e, s, s + PARTIAL_SAMPLES / SAMPLE_RATE) for e, (_, s) in zip(embs, wavs, strict=True)]
 
     def _complete_partials(self) -> list[tuple[np.ndarray, float]]:
         """Every full 1.6 s partial of the current run, one per HOP_S; the run keeps what the next one needs."""
@@ -405,9 +411,15 @@ class SpeakerStage(Stage):
     def step(self, media: np.ndarray, signals: Signals, state: SpeakerTracker) -> Speakers:
         speech: VoicedFrames | None = signals.values.get("speech")
         new = state.feed(self.encoder, media, signals.ts, speech)
-        end = signals.ts + len(media) / SAMPLE_RATE
-        enrolled = [p.enrolled_similarity for p in new if p.enrolled_similarity is not None]
-        return Speakers(new, len(state.speakers_in(end)), len(state.clusters), min(enrolled) if enrolled else None)
+        return _summary(new, state, signals.ts + len(media) / SAMPLE_RATE)
 
     def run(self, media: np.ndarray, signals: Signals) -> Speakers:
-        return self.step(media, signals, self.new_state())
+        """Without a session: the window is a whole stream (its last voiced run is embedded too)."""
+        state = self.new_state()
+        new = self.step(media, signals, state).partials + state.flush(self.encoder)
+        return _summary(new, state, signals.ts + len(media) / SAMPLE_RATE)
+
+
+def _summary(new: list[Partial], state: SpeakerTracker, end: float) -> Speakers:
+    enrolled = [p.enrolled_similarity for p in new if p.enrolled_similarity is not None]
+    return Speakers(new, len(state.speakers_in(end)), len(state.clusters), min(enrolled) if enrolled else None)
