@@ -153,8 +153,7 @@ def main() -> None:
           f"different mean {np.mean(impostor):.3f} (99th pct {np.percentile(impostor, 99):.3f})")  # fmt: skip
 
     speakers = sorted(set(who.values()))
-    enrolled = {s: enc.embed_utterance(spk.normalize_volume(wavs[min(f for f in files if who[f] == s)]))
-                for s in speakers}  # fmt: skip
+    enrolled = {s: enc.embed_voice(wavs[min(f for f in files if who[f] == s)]) for s in speakers}
     eg: list[float] = []
     ei: list[float] = []
     per_file: list[dict[str, Any]] = []
