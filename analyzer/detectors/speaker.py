@@ -56,6 +56,7 @@ HOP_S = 0.8  # a new partial every 0.8 s of voiced audio (50 % overlap)
 MAX_GAP_S = 0.3  # a pause shorter than this does not end a voiced run
 MIN_RUN_S = 1.0  # a voiced run shorter than 1.6 s is still embedded (zero-padded) when it lasts this long
 WINDOW_S = 10.0  # MULTIPLE_SPEAKERS' window (policy)
+VAD_FRAME_S = 0.032  # Silero's frame, when a window has a single VAD frame to measure it by
 
 
 def model_file() -> Path:
@@ -289,10 +290,11 @@ class SpeakerTracker:
         if speech is None:
             mask = np.ones(len(x), bool)
         else:
-            mask = np.zeros(len(x), bool)
-            frame_s = (speech.frame_ts[1] - speech.frame_ts[0]) if len(speech.frame_ts) > 1 else 0.032
-            for start in np.asarray(speech.frame_ts)[np.asarray(speech.voiced, bool)]:
-                mask |= (t >= start) & (t < start + frame_s)
+            starts, voiced = np.asarray(speech.frame_ts, np.float64), np.asarray(speech.voiced, bool)
+            frame_s = float(starts[1] - starts[0]) if len(starts) > 1 else VAD_FRAME_S
+            k = np.searchsorted(starts, t, side="right") - 1  # the frame each sample falls in (-1: before all)
+            inside = (k >= 0) & (t < starts[np.maximum(k, 0)] + frame_s) if len(starts) else np.zeros(len(t), bool)
+            mask = inside & voiced[np.maximum(k, 0)] if len(starts) else inside
         wavs: list[tuple[np.ndarray, float]] = []
         i = 0
         while i < len(x):
