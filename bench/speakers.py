@@ -5,13 +5,16 @@ Usage: python bench/speakers.py [DATA_DIR] [--json] [--threshold T] [--enroll-th
 
 Sets, each scored as a whole:
   roc        audio/single_speaker (LibriSpeech, 5 speakers x 3 files): every 1.6 s partial (hop 0.8 s) of every file
-             against every partial of every OTHER file: same speaker = genuine, different = impostor. Its EER point
-             is where CLUSTER_THRESHOLD comes from.
+             against every partial of every OTHER file: same speaker = genuine, different = impostor; and each
+             partial against the mean of every other file's partials (what the tracker compares: a cluster's
+             running mean), whose EER point and impostor maximum bound CLUSTER_THRESHOLD.
   enrollment each speaker's first file enrolled (embed_utterance of it, as an enrollment recording would be), every
              partial of every other file a probe: genuine = the enrolled speaker's other files, impostor = the
              other four speakers' files (ENROLL_THRESHOLD); then per file: its lowest partial similarity, i.e.
              whether OTHER_VOICE would fire on it at the threshold (never for the enrolled speaker's files,
              always for the others').
+  pairs      each speaker's first file followed by another speaker's (20 orders): the second voice must not join
+             the first one's cluster.
   single     each LibriSpeech file, and each speaker's three files as one session, streamed through a
              SpeakerTracker in 0.5 s windows with every sample voiced: the most speakers any 10 s window holds
              (must be 1: no false second speaker).
@@ -21,6 +24,8 @@ Sets, each scored as a whole:
              the speakers with at least --min-speech seconds of speech in the window (default 1.0: a shorter
              stretch gives no 1.6 s partial; 0 = any speech, reported too). Exact-count rate per file and overall,
              and the confusion of counts.
+  --silero   voiced regions from Silero VAD (the vad stage's SileroVad) instead of the RTTM, everywhere; adds the
+             non-speech files (no speaker cluster may appear).
   cost       one 1.6 s partial embedded (mel features + encoder, 1 thread) and per second of voiced audio (1.25
              partials), beside one BlazeFace full-range detection of a 640 x 480 frame in the same run.
 """
@@ -28,6 +33,7 @@ Sets, each scored as a whole:
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import sys
@@ -48,6 +54,7 @@ from livekit_proctor.analyzer.detectors import speaker as spk  # noqa: E402
 from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector  # noqa: E402
 
 CHUNK_S = 0.5
+MIN_PARTIALS = [spk.MIN_PARTIALS]  # --min-partials
 VAD_FRAME_S = 0.032
 
 
@@ -88,18 +95,33 @@ def frames_for(ts: float, n: int, turns: list[tuple[float, float, str]] | None) 
     return Frames(voiced, starts)
 
 
+class SileroFrames:
+    """Voiced frames from the vad stage's Silero VAD (analyzer/detectors/vad.py), one stream per file: what the
+    speaker stage reads in a session. Imported by name: the vad stage is another module's work."""
+
+    def __init__(self) -> None:
+        vad = importlib.import_module("livekit_proctor.analyzer.detectors.vad")
+        self._mod, self._vad, self._state = vad, vad.SileroVad(), vad.VadState()
+
+    def __call__(self, ts: float, piece: np.ndarray) -> Any:
+        probs, frame_ts = self._vad.probabilities(piece, self._state, ts)
+        return self._mod.Speech(probs, frame_ts, self._mod.DEFAULT_THRESHOLD)
+
+
 def stream(
     enc: spk.SpeakerEncoder, wav: np.ndarray, turns: list[tuple[float, float, str]] | None, threshold: float,
-    tracker: spk.SpeakerTracker | None = None, t0: float = 0.0,
+    tracker: spk.SpeakerTracker | None = None, t0: float = 0.0, silero: bool = False,
 ) -> tuple[spk.SpeakerTracker, dict[int, int]]:  # fmt: skip
-    """Feeds wav in CHUNK_S windows; returns the tracker and the count it reports at each whole second >= 10."""
-    tr = tracker or spk.SpeakerTracker(threshold=threshold)
+    """Feeds wav in CHUNK_S windows, voiced where the RTTM turns say (every sample without them) or, with
+    silero, where Silero VAD says; returns the tracker and the count it reports at each whole second >= 10."""
+    tr = tracker or spk.SpeakerTracker(threshold=threshold, min_partials=MIN_PARTIALS[0])
+    vad = SileroFrames() if silero else None
     n = round(CHUNK_S * spk.SAMPLE_RATE)
     counts: dict[int, int] = {}
     for i in range(0, len(wav), n):
         ts = t0 + i / spk.SAMPLE_RATE
         piece = wav[i : i + n]
-        tr.feed(enc, piece, ts, frames_for(ts, len(piece), turns))
+        tr.feed(enc, piece, ts, vad(ts, piece) if vad else frames_for(ts, len(piece), turns))
         end = ts + len(piece) / spk.SAMPLE_RATE
         if abs(end - round(end)) < 1e-6 and round(end - t0) >= 10:
             counts[round(end - t0)] = len(tr.speakers_in(end))
@@ -126,10 +148,19 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=spk.CLUSTER_THRESHOLD)
     ap.add_argument("--enroll-threshold", type=float, default=spk.ENROLL_THRESHOLD)
     ap.add_argument("--min-speech", type=float, default=1.0)
+    ap.add_argument("--min-partials", type=int, default=spk.MIN_PARTIALS)
+    ap.add_argument(
+        "--silero", action="store_true", help="voiced regions from Silero VAD (the vad stage), not the RTTM"
+    )
     args = ap.parse_args()
+    MIN_PARTIALS[0] = args.min_partials
     audio = args.data / "audio"
     enc = spk.SpeakerEncoder()
-    report: dict[str, Any] = {"cluster_threshold": args.threshold, "enroll_threshold": args.enroll_threshold}
+    report: dict[str, Any] = {
+        "cluster_threshold": args.threshold,
+        "enroll_threshold": args.enroll_threshold,
+        "min_partials": args.min_partials,
+    }
 
     # ---- LibriSpeech: partial vs partial ROC, enrollment ----
     files = sorted((audio / "single_speaker").glob("*/*.flac"))
@@ -151,6 +182,17 @@ def main() -> None:
     print(f"partial vs partial (1.6 s, other files): {r.row()}")
     print(f"  same speaker mean {np.mean(genuine):.3f} (1st pct {np.percentile(genuine, 1):.3f}); "
           f"different mean {np.mean(impostor):.3f} (99th pct {np.percentile(impostor, 99):.3f})")  # fmt: skip
+
+    # A partial against the mean of another file's partials: what the tracker compares (a cluster's running mean).
+    mg: list[float] = []
+    mi: list[float] = []
+    for a, c in itertools.permutations(files, 2):
+        m = embs[c].mean(axis=0)
+        (mg if who[a] == who[c] else mi).extend((embs[a] @ (m / np.linalg.norm(m))).tolist())
+    mr = roc(mg, mi)
+    report["partial_vs_mean_roc"] = mr.__dict__ | {"impostor_max": max(mi), "genuine_p1": float(np.percentile(mg, 1))}
+    print(f"partial vs another file's mean (the tracker's comparison): {mr.row()}")
+    print(f"  different speakers' max {max(mi):.3f}; same speaker 1st pct {np.percentile(mg, 1):.3f}")
 
     speakers = sorted(set(who.values()))
     enrolled = {s: enc.embed_voice(wavs[min(f for f in files if who[f] == s)]) for s in speakers}
@@ -189,19 +231,38 @@ def main() -> None:
     # ---- single speaker: never a second speaker ----
     worst: dict[str, int] = {}
     for f in files:
-        tr, _ = stream(enc, wavs[f], None, args.threshold)
-        ends = [p.end for p in tr.partials]
-        worst[f.name] = max((len(tr.speakers_in(e)) for e in ends), default=0)
+        tr, _ = stream(enc, wavs[f], None, args.threshold, silero=args.silero)
+        worst[f.name] = max((len(tr.speakers_in(p.end)) for p in tr.partials), default=0)
     for s in speakers:
-        tr, t = spk.SpeakerTracker(threshold=args.threshold), 0.0
+        tr, t = spk.SpeakerTracker(threshold=args.threshold, min_partials=MIN_PARTIALS[0]), 0.0
         for f in (f for f in files if who[f] == s):
-            tr, _ = stream(enc, wavs[f], None, args.threshold, tr, t)
+            tr, _ = stream(enc, wavs[f], None, args.threshold, tr, t, silero=args.silero)
             t += len(wavs[f]) / spk.SAMPLE_RATE + 1.0
-        worst[f"speaker {s}, 3 files"] = max(len(tr.speakers_in(p.end)) for p in tr.partials)
+        worst[f"speaker {s}, 3 files"] = max((len(tr.speakers_in(p.end)) for p in tr.partials), default=0)
         worst[f"speaker {s}, clusters"] = len(tr.clusters)
     report["single_speaker_max_count"] = worst
-    bad = {k: v for k, v in worst.items() if v != 1}
-    print(f"single speaker: most speakers in any 10 s window: {'all 1' if not bad else bad}")
+    # Two speakers one after the other (each speaker's first file, 1 s apart): the second must be a new cluster.
+    merged = []
+    for s1, s2 in itertools.permutations(speakers, 2):
+        f1, f2 = (min(f for f in files if who[f] == s) for s in (s1, s2))
+        tr, _ = stream(enc, wavs[f1], None, args.threshold, silero=args.silero)
+        t = len(wavs[f1]) / spk.SAMPLE_RATE + 1.0
+        tr, _ = stream(enc, wavs[f2], None, args.threshold, tr, t, silero=args.silero)
+        if {p.speaker for p in tr.partials if p.start >= t} & {p.speaker for p in tr.partials if p.end <= t}:
+            merged.append(f"{s1}->{s2}")
+    report["speaker_pairs_merged"] = merged
+    print(f"two speakers in turn: the second joins the first's cluster in {len(merged)} of 20 orders {merged}")
+    bad = {k: v for k, v in worst.items() if "clusters" not in k and v > 1}
+    print(
+        f"single speaker: a second speaker in some 10 s window: {bad or 'never'}; most speakers in a window / "
+        f"clusters: {worst}"
+    )
+    # Non-speech files: with the RTTM stand-in every sample would be voiced, so only Silero says anything here.
+    if args.silero:
+        noise = {f.name: len(stream(enc, load(f), None, args.threshold, silero=True)[0].clusters)
+                 for f in sorted((audio / "non_speech").glob("*.wav"))}  # fmt: skip
+        report["non_speech_clusters"] = noise
+        print(f"non-speech files, speaker clusters (must be 0): {noise}")
 
     # ---- multi speaker: count per 10 s window against the RTTM ----
     multi: dict[str, Any] = {}
@@ -210,7 +271,7 @@ def main() -> None:
     disjoint: Counter[bool] = Counter()
     for w in sorted((audio / "multi_speaker").glob("*.wav")):
         turns = rttm(w.with_suffix(".rttm"))
-        tr, counts = stream(enc, load(w), turns, args.threshold)
+        tr, counts = stream(enc, load(w), turns, args.threshold, silero=args.silero)
         rows = [(end, truth(turns, end, args.min_speech), truth(turns, end, 0.0), got) for end, got in counts.items()]
         exact = sum(t == g for _, t, _, g in rows)
         exact_any = sum(t == g for _, _, t, g in rows)

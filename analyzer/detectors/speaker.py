@@ -23,7 +23,7 @@ The thresholds were chosen from the ROCs of bench/speakers.py on the shared Libr
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -49,8 +49,12 @@ TARGET_DBFS = -30.0  # Resemblyzer's audio_norm_target_dBFS (raised to, never lo
 
 # Cosine similarity of a 1.6 s partial to a cluster's mean at or above which it joins that cluster, and of a
 # partial to the enrolled voice at or above which it is the candidate's (bench/speakers.py ROCs).
-CLUSTER_THRESHOLD = 0.70
+CLUSTER_THRESHOLD = 0.67
 ENROLL_THRESHOLD = 0.66
+
+# A cluster counts as a speaker in a window only with this many partials there (2: at least 2.4 s of that voice):
+# a lone partial that strays from its speaker's cluster (a cough, a laugh) would otherwise be a second speaker.
+MIN_PARTIALS = 2
 
 HOP_S = 0.8  # a new partial every 0.8 s of voiced audio (50 % overlap)
 MAX_GAP_S = 0.3  # a pause shorter than this does not end a voiced run
@@ -243,6 +247,7 @@ class SpeakerTracker:
     """One session's stream: voiced audio not yet embedded, the speaker clusters, recent partials."""
 
     threshold: float = CLUSTER_THRESHOLD
+    min_partials: int = MIN_PARTIALS
     enrolled: np.ndarray | None = None  # unit-length voice embedding of the candidate
     clusters: list[Cluster] = field(default_factory=list)
     partials: deque[Partial] = field(default_factory=lambda: deque(maxlen=256))
@@ -279,8 +284,9 @@ class SpeakerTracker:
         return [p for p in self.partials if end - window_s < (p.start + p.end) / 2 <= end]
 
     def speakers_in(self, end: float, window_s: float = WINDOW_S) -> set[int]:
-        """The clusters heard in (end - window_s, end]: those of the partials centred in it."""
-        return {p.speaker for p in self._in(end, window_s)}
+        """The clusters heard in (end - window_s, end]: those with at least min_partials partials centred in it."""
+        heard = Counter(p.speaker for p in self._in(end, window_s))
+        return {k for k, n in heard.items() if n >= self.min_partials}
 
     def feed(self, encoder: SpeakerEncoder, pcm: np.ndarray, ts: float, speech: VoicedFrames | None) -> list[Partial]:
         """Adds a window of audio (capture time ts of pcm[0]) with its VAD frames; embeds every complete partial
