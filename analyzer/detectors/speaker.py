@@ -12,9 +12,11 @@
 * `SpeakerTracker`: one session's stream. Voiced audio (the "speech" signal of the VAD stage) is cut into 1.6 s
   partials every HOP_S; each is embedded and assigned to the closest speaker cluster by cosine similarity
   (CLUSTER_THRESHOLD) or starts a new one; clusters are running means. `speakers_in(window)` counts the clusters
-  heard in the last window; when a voice is enrolled, each partial's similarity to it is kept for OTHER_VOICE.
-  Overlapping speech is not separated: a partial over two voices lands in the closer cluster (or, far from both,
-  in a new one).
+  heard in the last window (with MIN_PARTIALS partials there); when a voice is enrolled, each partial's
+  similarity to it is kept, and `enrolled_similarity_in(window)` is their mean, for OTHER_VOICE. Overlapping
+  speech is not separated: a partial over two voices lands in the closer cluster (or, far from both, in a new one).
+* Counting speakers on far-field meeting audio is weak (bench/speakers.py: about a third of the 10 s windows of
+  the shared multi-speaker files counted exactly, mostly a second speaker missed); see models/resemblyzer/README.md.
 
 The thresholds were chosen from the ROCs of bench/speakers.py on the shared LibriSpeech files
 (models/resemblyzer/README.md).
@@ -47,9 +49,12 @@ PARTIAL_SAMPLES = PARTIAL_FRAMES * HOP
 EMBEDDING_DIM = 256
 TARGET_DBFS = -30.0  # Resemblyzer's audio_norm_target_dBFS (raised to, never lowered)
 
-# Cosine similarity of a 1.6 s partial to a cluster's mean at or above which it joins that cluster, and of a
-# partial to the enrolled voice at or above which it is the candidate's (bench/speakers.py ROCs).
+# Cosine similarity of a 1.6 s partial to a cluster's mean at or above which it joins that cluster: between the
+# equal-error point of partials against another file's mean (0.660) and the highest different-speaker score (0.699)
+# on the shared LibriSpeech files (bench/speakers.py); 0.65 already merged a man's and a woman's voice.
 CLUSTER_THRESHOLD = 0.67
+# Mean similarity of the voiced partials of a window to the enrolled voice below which it is another voice: the
+# enrollment ROC's equal-error point (0.663); per file the mean separated every speaker (a single partial did not).
 ENROLL_THRESHOLD = 0.66
 
 # A cluster counts as a speaker in a window only with this many partials there (2: at least 2.4 s of that voice):
