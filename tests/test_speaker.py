@@ -101,6 +101,18 @@ def test_enrolled_voice_matches_its_speaker_not_another(encoder: spk.SpeakerEnco
     assert spk.SpeakerTracker().enrolled_similarity_in(10.0) is None
 
 
+def test_voice_enrolled_from_the_session_flags_another_voice(encoder: spk.SpeakerEncoder) -> None:
+    tr = spk.SpeakerTracker()
+    assert not tr.enroll_main_voice()  # nothing heard yet
+    end = stream(tr, encoder, librispeech("2033", 0), 0.0)  # the calibration period: the candidate reads
+    assert tr.enroll_main_voice()
+    end = stream(tr, encoder, librispeech("2033", 1), end + 1.0)
+    own = tr.enrolled_similarity_in(end)
+    end = stream(tr, encoder, librispeech("3331", 0), end + 1.0)  # someone else speaks
+    other = tr.enrolled_similarity_in(end)
+    assert own is not None and other is not None and own >= spk.ENROLL_THRESHOLD > other
+
+
 @dataclass(frozen=True)
 class FakeSpeech:
     """Stands in for the vad stage's Speech signal (analyzer/detectors/vad.py, not on this branch): 32 ms frames."""

@@ -278,6 +278,14 @@ class SpeakerTracker:
         self.partials.append(p)
         return p
 
+    def enroll_main_voice(self) -> bool:
+        """Enrolls the voice heard most so far (the largest cluster's mean): the candidate's voice taken from the
+        calibration period's speech. False when nothing was heard yet."""
+        if not self.clusters:
+            return False
+        self.enrolled = max(self.clusters, key=lambda c: c.count).mean
+        return True
+
     def enrolled_similarity_in(self, end: float, window_s: float = WINDOW_S) -> float | None:
         """Mean similarity to the enrolled voice of the partials centred in (end - window_s, end]; None without an
         enrolled voice or voice. OTHER_VOICE should rest on this mean, not on one partial: per file of the shared
