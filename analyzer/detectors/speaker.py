@@ -62,9 +62,10 @@ ENROLL_THRESHOLD = 0.66
 MIN_PARTIALS = 2
 
 HOP_S = 0.8  # a new partial every 0.8 s of voiced audio (50 % overlap)
-MAX_GAP_S = 0.3  # a pause shorter than this does not end a voiced run
+MAX_GAP_S = 0.6  # a pause shorter than this does not end a voiced run (its voiced audio is joined)
 MIN_RUN_S = 1.0  # a voiced run shorter than 1.6 s is still embedded (zero-padded) when it lasts this long
 WINDOW_S = 10.0  # MULTIPLE_SPEAKERS' window (policy)
+MAX_UNDECIDED = 2048  # samples kept for the next window's VAD frames (Silero holds back at most 511)
 VAD_FRAME_S = 0.032  # Silero's frame, when a window has a single VAD frame to measure it by
 
 
@@ -259,6 +260,8 @@ class SpeakerTracker:
     _run: list[np.ndarray] = field(default_factory=list)  # the current voiced run's audio (float32 pieces)
     _run_start: float | None = None  # capture time of the first sample in _run
     _run_end: float | None = None  # capture time just after the last voiced sample appended
+    _undecided: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # samples no VAD frame covers yet
+    _undecided_end: float = 0.0  # capture time just after them
 
     def assign(self, emb: np.ndarray, start: float, end: float) -> Partial:
         """Adds one partial embedding to the closest cluster (or a new one)."""
@@ -305,6 +308,12 @@ class SpeakerTracker:
         """Adds a window of audio (capture time ts of pcm[0]) with its VAD frames; embeds every complete partial
         of voiced audio and returns them. Without VAD frames the whole window counts as voiced."""
         x = as_float(pcm)
+        # The VAD decides a frame only once its 512 samples are in: the samples after its last frame wait for the
+        # next window's frames (when that window follows on without a gap), or they would be lost.
+        if len(self._undecided) and abs(ts - self._undecided_end) < 0.5 / SAMPLE_RATE:
+            ts -= len(self._undecided) / SAMPLE_RATE
+            x = np.concatenate([self._undecided, x])
+        self._undecided = x[:0]
         t = ts + np.arange(len(x)) / SAMPLE_RATE
         if speech is None:
             mask = np.ones(len(x), bool)
@@ -314,6 +323,12 @@ class SpeakerTracker:
             k = np.searchsorted(starts, t, side="right") - 1  # the frame each sample falls in (-1: before all)
             inside = (k >= 0) & (t < starts[np.maximum(k, 0)] + frame_s) if len(starts) else np.zeros(len(t), bool)
             mask = inside & voiced[np.maximum(k, 0)] if len(starts) else inside
+            decided = (
+                len(x) if not len(starts) else min(len(x), max(0, round((starts[-1] + frame_s - ts) * SAMPLE_RATE)))
+            )
+            if decided < len(x) and len(x) - decided <= MAX_UNDECIDED:
+                self._undecided, self._undecided_end = x[decided:].copy(), ts + len(x) / SAMPLE_RATE
+                x, t, mask = x[:decided], t[:decided], mask[:decided]
         wavs: list[tuple[np.ndarray, float]] = []
         i = 0
         while i < len(x):
@@ -332,7 +347,7 @@ class SpeakerTracker:
             self._run_end = float(t[a]) + (b - a) / SAMPLE_RATE
             wavs += self._complete_partials()
             i = b
-        if self._run_end is not None and ts + len(x) / SAMPLE_RATE - self._run_end > MAX_GAP_S:
+        if self._run_end is not None and float(t[-1] if len(t) else ts) - self._run_end > MAX_GAP_S:
             wavs += self._close_run()
         return self._embed(encoder, wavs)
 
