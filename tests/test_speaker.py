@@ -88,7 +88,9 @@ def test_one_voice_is_one_speaker_and_a_second_voice_is_counted(encoder: spk.Spe
     assert len(tr.clusters) == 1 and tr.speakers_in(end) == {0}
     end = stream(tr, encoder, librispeech("1998", 0), end + 1.0)  # another reader, a woman, after a pause
     assert len(tr.clusters) == 2 and tr.speakers_in(end) == {1}  # the last 10 s: only her
-    assert tr.speakers_in(end, window_s=end) == {0, 1}
+    assert tr.speakers_in(end, window_s=end) == {0, 1} and tr.speaker_count() == 2
+    turns = tr.turns()  # what `proctor audio --json` reports as turns
+    assert [sp for _, _, sp in turns] == [0, 1] and turns[0][1] <= turns[1][0] and turns[1][1] <= end
 
 
 def test_enrolled_voice_matches_its_speaker_not_another(encoder: spk.SpeakerEncoder) -> None:

@@ -281,6 +281,29 @@ class SpeakerTracker:
         self.partials.append(p)
         return p
 
+    def turns(self) -> list[tuple[float, float, int]]:
+        """Speaker turns over the partials kept (the last 256): runs of consecutive partials of one cluster as
+        (start, end, speaker); where two turns' partials overlap, the boundary is the middle of the overlap.
+        Clusters that never reached MIN_PARTIALS partials are left out (stray partials, like speakers_in)."""
+        counts = Counter(p.speaker for p in self.partials)
+        out: list[tuple[float, float, int]] = []
+        for p in self.partials:
+            if counts[p.speaker] < self.min_partials:
+                continue
+            if out and out[-1][2] == p.speaker and p.start <= out[-1][1] + MAX_GAP_S:
+                out[-1] = (out[-1][0], p.end, p.speaker)
+            elif out and p.start < out[-1][1]:
+                middle = (p.start + out[-1][1]) / 2
+                out[-1] = (out[-1][0], middle, out[-1][2])
+                out.append((middle, p.end, p.speaker))
+            else:
+                out.append((p.start, p.end, p.speaker))
+        return out
+
+    def speaker_count(self) -> int:
+        """Speakers heard in the whole stream: clusters with at least MIN_PARTIALS partials."""
+        return sum(1 for c in self.clusters if c.count >= self.min_partials)
+
     def enroll_main_voice(self) -> bool:
         """Enrolls the voice heard most so far (the largest cluster's mean): the candidate's voice taken from the
         calibration period's speech. False when nothing was heard yet."""
