@@ -117,6 +117,7 @@ BUILTIN_STAGES: tuple[str, ...] = (
     "livekit_proctor.analyzer.detectors.pose:PoseStage",
     "livekit_proctor.analyzer.detectors.segmentation:SegmentationStage",
     "livekit_proctor.analyzer.detectors.vad:VadStage",
+    "livekit_proctor.analyzer.detectors.speaker:SpeakerStage",
 )
 _registered: list[type[Stage]] = []
 

@@ -171,6 +171,14 @@ class Settings(BaseSettings):
     vad_threshold: float = Field(
         default=0.55, ge=0, le=1, description="Speech probability above which a 32 ms audio frame counts as voiced"
     )
+    speaker_embedding: bool = Field(
+        default=False,
+        description="Speaker embeddings on voiced audio (Resemblyzer): counting speakers, the enrolled voice. Off "
+        "by default until the speaker rules exist (no rule reads them yet)",
+    )
+    speaker_threshold: float = Field(
+        default=0.67, ge=-1, le=1, description="Cosine similarity at which a voice joins a speaker cluster"
+    )
 
     # --- outbox and dispatcher
     outbox: str = Field(default="sql", description="Where alerts wait for delivery: sql (embedded) or redis")
