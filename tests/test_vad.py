@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 
@@ -27,23 +26,10 @@ from livekit_proctor.analyzer.rules.policy import effective_policy
 from livekit_proctor.analyzer.signals import AudioSignals
 from livekit_proctor.contracts.api import SessionStartRequest
 from tests.conftest import LiveServer, StreamClient, shared_data, stream_url
+from tests.synthetic import read_16k
 
 LIBRISPEECH = "audio/single_speaker/librispeech_1998/1998-15444-0000.flac"  # read speech, 13.3 s
 NON_SPEECH = ["audio/non_speech/esc50_1-100032-A-0_dog.wav", "audio/non_speech/max_typing_parta.wav"]  # 44.1 / 48 kHz
-
-
-def read_16k(rel: str) -> np.ndarray:
-    """A shared audio file as int16 mono 16 kHz (PyAV resamples); skips without the shared data."""
-    d = shared_data()
-    if d is None or not (d / rel).is_file():
-        pytest.skip(f"shared data not available: {rel}")
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
-    parts: list[np.ndarray] = []
-    with av.open(str(d / rel)) as container:
-        for frame in container.decode(audio=0):
-            parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(parts).astype(np.int16)
 
 
 def voice_like(seconds: float, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Rules over the session's audio: VOICE_DETECTED (speech heard for longer than trigger_after_s).
+"""Rules over the session's audio: VOICE_DETECTED (speech heard for longer than trigger_after_s) and
+MULTIPLE_SPEAKERS (more than one voice heard within the speaker stage's 10 s window).
 
 Audio rules are catalog entries of kind "audio" (catalog.py). The engine feeds them one `AudioObservation` per
 32 ms VAD frame of each analysed audio window (RuleEngine.observe_audio), in capture time, so their timing is as
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from livekit_proctor.analyzer.rules.engine import RuleEngine
 
 VOICE_DETECTED = E.VOICE_DETECTED
+MULTIPLE_SPEAKERS = E.MULTIPLE_SPEAKERS
 FEATURE = "audio"
 THRESHOLDS = {"voice_probability": 0.8}  # a 32 ms frame counts toward VOICE_DETECTED above this speech probability
 
@@ -46,7 +48,26 @@ class AudioObservation:
         return {"audio_window_seq": self.seq, "speech_probability": round(self.speech_probability, 3)}
 
 
-class VoiceRule(DurationRule[AudioObservation]):
+class AudioRule(DurationRule[AudioObservation]):
+    """A DurationRule over VAD frames; its evidence names audio windows, not video frames."""
+
+    def _event(
+        self,
+        state: IncidentState,
+        ts: float,
+        o: AudioObservation | None,
+        value: float | None,
+        reason: str | None = None,
+    ) -> RuleEvent:
+        ev = super()._event(state, ts, o, value, reason)
+        # The observations' seq numbers are audio windows, not video frames: say so in the evidence's names.
+        for which in ("first", "trigger"):
+            if f"{which}_frame_seq" in ev.evidence:
+                ev.evidence[f"{which}_audio_window_seq"] = ev.evidence.pop(f"{which}_frame_seq")
+        return ev
+
+
+class VoiceRule(AudioRule):
     """Speech probability above `voice_probability` for more than trigger_after_s (short pauses between words,
     under PENDING_GAP_TOLERANCE_S, do not break it). The evidence says how long was voiced and the mean speech
     probability from the condition's start to its last voiced frame (the silence that ends it is not counted)."""
@@ -83,10 +104,6 @@ class VoiceRule(DurationRule[AudioObservation]):
         reason: str | None = None,
     ) -> RuleEvent:
         ev = super()._event(state, ts, o, value, reason)
-        # The observations' seq numbers are audio windows, not video frames: say so in the evidence's names.
-        for which in ("first", "trigger"):
-            if f"{which}_frame_seq" in ev.evidence:
-                ev.evidence[f"{which}_audio_window_seq"] = ev.evidence.pop(f"{which}_frame_seq")
         frames, voiced, prob_sum = self._upto
         if frames:
             ev.evidence["voiced_s"] = round(voiced * FRAME_S, 3)
@@ -96,3 +113,45 @@ class VoiceRule(DurationRule[AudioObservation]):
 
 def voice_rule(spec: RuleSpec, p: RulePolicy, t: Limits, engine: RuleEngine) -> VoiceRule:
     return VoiceRule(spec, p, t)
+
+
+def speakers_heard(o: AudioObservation) -> int | None:
+    """Voices the speaker stage heard in its window (detectors/speaker.py Speakers.speakers), or None on a window
+    it did not run on (no speech, or the stage is off): such frames neither extend nor break the condition."""
+    sp = o.values.get("speakers")
+    return None if sp is None else int(sp.speakers)
+
+
+class SpeakersRule(AudioRule):
+    """More than one speaker heard within the speaker stage's 10 s window (each voice at least 2.4 s of it:
+    detectors/speaker.py). Needs the speaker stage (PROCTOR_SPEAKER_EMBEDDING); without it the rule sees nothing.
+    Evidence: `speakers_in_window` and the session's `speaker_clusters`."""
+
+    def __init__(self, spec: RuleSpec, p: RulePolicy) -> None:
+        super().__init__(
+            spec.event_type, lambda o: None if (n := speakers_heard(o)) is None else n >= 2, speakers_heard,
+            "speakers_in_window", 2.0, p, spec.severity, spec.severity_per_unit,
+        )  # fmt: skip
+        self._clusters = 0
+
+    def observe(self, o: AudioObservation) -> list[RuleEvent]:
+        sp = o.values.get("speakers")
+        if sp is not None:
+            self._clusters = int(sp.clusters)
+        return super().observe(o)
+
+    def _event(
+        self,
+        state: IncidentState,
+        ts: float,
+        o: AudioObservation | None,
+        value: float | None,
+        reason: str | None = None,
+    ) -> RuleEvent:
+        ev = super()._event(state, ts, o, value, reason)
+        ev.evidence["speaker_clusters"] = self._clusters
+        return ev
+
+
+def speakers_rule(spec: RuleSpec, p: RulePolicy, t: Limits, engine: RuleEngine) -> SpeakersRule:
+    return SpeakersRule(spec, p)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from livekit_proctor.analyzer.fusion import Observation
 from livekit_proctor.analyzer.rules.audio import FEATURE as AUDIO_FEATURE
+from livekit_proctor.analyzer.rules.audio import MULTIPLE_SPEAKERS, VOICE_DETECTED, speakers_rule, voice_rule
 from livekit_proctor.analyzer.rules.audio import THRESHOLDS as AUDIO_THRESHOLDS
-from livekit_proctor.analyzer.rules.audio import VOICE_DETECTED, voice_rule
 from livekit_proctor.analyzer.rules.incident import DistractionRule, DurationRule
 from livekit_proctor.analyzer.rules.spoof import FEATURE as SPOOF_FEATURE
 from livekit_proctor.analyzer.rules.spoof import THRESHOLDS as SPOOF_THRESHOLDS
@@ -198,6 +198,10 @@ BUILTIN: tuple[RuleSpec, ...] = (
     RuleSpec(  # speech heard (rules/audio.py): probability > voice_probability for > trigger_after_s
         VOICE_DETECTED, AUDIO_FEATURE, 2.0, 1.0, cooldown_s=10.0, severity=0.4, risk_weight=6,
         measure_name="speech_probability", thresholds=AUDIO_THRESHOLDS, build=voice_rule, kind="audio",
+    ),
+    RuleSpec(  # two or more voices within the speaker stage's 10 s window (rules/audio.py; needs that stage)
+        MULTIPLE_SPEAKERS, AUDIO_FEATURE, 0.0, 2.0, cooldown_s=10.0, severity=0.6, risk_weight=20,
+        measure_name="speakers_in_window", build=speakers_rule, kind="audio",
     ),
     RuleSpec(
         E.CAMERA_OFF, "face_detection", 2.0, 0.0, cooldown_s=0.0, severity=0.5, risk_weight=15, kind="control",

@@ -1,0 +1,64 @@
+"""MULTIPLE_SPEAKERS over the WebSocket: two LibriSpeech readers one after the other raise it once the second has
+been heard; one reader's three recordings in a row raise nothing. Needs the speaker stage (off by default:
+PROCTOR_SPEAKER_EMBEDDING) and the shared data (skips without it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import LiveServer, StreamClient, shared_data, stream_url
+from tests.synthetic import read_16k
+
+READER_A = [f"audio/single_speaker/librispeech_1998/1998-15444-000{i}.flac" for i in range(3)]  # F, 28 s
+READER_B = "audio/single_speaker/librispeech_1688/1688-142285-0000.flac"  # M, 15 s
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    if shared_data() is None:
+        pytest.skip("shared data not available")
+    s = LiveServer(tmp_path_factory.mktemp("speakers"), speaker_embedding=True).start()
+    yield s
+    s.stop()
+
+
+async def _stream(srv: LiveServer, sid: str, pcm: np.ndarray) -> tuple[list[dict[str, Any]], float]:
+    """Streams the audio in 100 ms chunks (capture times as recorded); (alerts, capture time of the start)."""
+    cfg = srv.start_session(sid)
+    async with StreamClient.connect(stream_url(cfg)) as c:
+        t0 = time.time()
+        for i in range(0, len(pcm), 1600):
+            await c.audio(pcm[i : i + 1600].tobytes(), t0 + i / 16000)
+        await c.sync()  # everything sent has been analysed
+        counters = srv.session(sid)["counters"]
+        assert counters["worker_errors"] == 0 and counters["audio_analysed_seconds"] == counters["audio_seconds"]
+        return c.alerts(), t0
+
+
+def _started(alerts: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [a for a in alerts if a["event_type"] == kind and a["incident_state"] == "started"]
+
+
+async def test_a_second_reader_raises_multiple_speakers_after_they_start(srv: LiveServer) -> None:
+    a, b = read_16k(READER_A[0]), read_16k(READER_B)
+    alerts, t0 = await _stream(srv, "two-readers", np.concatenate([a, b]))
+    (alert,) = _started(alerts, "MULTIPLE_SPEAKERS")
+    switch = len(a) / 16000
+    ev = alert["evidence"]
+    assert ev["speakers_in_window"] >= 2 and ev["speaker_clusters"] >= 2
+    # Raised while B is speaking (a voice counts after 2.4 s of it), within the 10 s window after the switch.
+    at = datetime.fromisoformat(alert["timestamp"]).timestamp() - t0
+    assert switch + 2.4 <= at <= switch + 10.0, (switch, at)
+
+
+async def test_one_reader_raises_nothing(srv: LiveServer) -> None:
+    pcm = np.concatenate([read_16k(p) for p in READER_A])
+    alerts, _ = await _stream(srv, "one-reader", pcm)
+    assert not _started(alerts, "MULTIPLE_SPEAKERS")
+    assert _started(alerts, "VOICE_DETECTED")  # the audio was heard
