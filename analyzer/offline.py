@@ -263,11 +263,31 @@ def analyze_audio_file(
     segments: list[tuple[float, float]] | None = None
     if threshold is not None:
         segments = speech_segments(np.concatenate(probs), np.concatenate(frame_ts), threshold)
+    turns, speakers = _speaker_turns(models, clock)
     summary = {
         "audio": str(path),
         "duration_s": round(duration, 3),
         # None: no voice-activity stage ran (the vad setting is off)
         "speech": None if segments is None else [[round(a, 3), round(min(b, duration), 3)] for a, b in segments],
         "incidents": sum(1 for _, a in out if a.incident_state == IncidentState.STARTED),
+        # None: the speaker stage is off (PROCTOR_SPEAKER_EMBEDDING)
+        "turns": turns,
+        "speakers": speakers,
     }
     return out, summary
+
+
+def _speaker_turns(models: ModelSet, clock: ModelClock) -> tuple[list[dict[str, Any]], int | None]:
+    """The speaker stage's turns and speaker count over the whole recording (its last voiced run embedded too);
+    ([], None) when the stage is off."""
+    from livekit_proctor.analyzer.detectors.speaker import SpeakerStage
+
+    stage = next((s for s in models.audio if isinstance(s, SpeakerStage)), None)
+    if stage is None:
+        return [], None
+    tracker = clock.states.get(stage.name)
+    if tracker is None:  # on but never due: no speech at all
+        return [], 0
+    tracker.flush(stage.encoder)
+    turns = [{"start_s": round(a, 3), "end_s": round(b, 3), "speaker": k} for a, b, k in tracker.turns()]
+    return turns, tracker.speaker_count()

@@ -305,8 +305,8 @@ def audio(
         out = {
             "duration_s": summary["duration_s"],
             "speech": speech,
-            "turns": [],  # speaker turns and count: not computed yet (no speaker model)
-            "speakers": None,
+            "turns": summary["turns"],  # [] and None while the speaker stage is off (PROCTOR_SPEAKER_EMBEDDING)
+            "speakers": summary["speakers"],
             "alerts": [a.model_dump(mode="json") | {"offset_s": offset} for offset, a in alerts],
         }
         print(json.dumps(out))
@@ -319,6 +319,10 @@ def audio(
         print(f"{length} of audio, speech {voiced:.1f} s in {len(speech)} segment(s)")
         for start, end in speech:
             print(f"  {start:8.2f} - {end:8.2f} s")
+    if summary["speakers"] is not None:
+        print(f"{summary['speakers']} speaker(s) heard")
+        for t in summary["turns"]:
+            print(f"  {t['start_s']:8.2f} - {t['end_s']:8.2f} s  speaker {t['speaker']}")
     if alerts:
         print("\n".join(incident_table(alerts)))
     print(f"-- {summary['incidents']} incident(s)")

@@ -4,9 +4,12 @@ PROCTOR_SPEAKER_EMBEDDING) and the shared data (skips without it)."""
 
 from __future__ import annotations
 
+import json
 import time
+import wave
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,3 +65,25 @@ async def test_one_reader_raises_nothing(srv: LiveServer) -> None:
     alerts, _ = await _stream(srv, "one-reader", pcm)
     assert not _started(alerts, "MULTIPLE_SPEAKERS")
     assert _started(alerts, "VOICE_DETECTED")  # the audio was heard
+
+
+def test_proctor_audio_json_gives_speaker_turns_when_the_speaker_stage_is_on(tmp_path: Path) -> None:
+    from tests.test_cli import clean_env, proctor
+
+    a, b = read_16k(READER_A[0]), read_16k(READER_B)
+    wav = tmp_path / "two-readers.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.concatenate([a, b]).tobytes())
+    r = proctor("audio", str(wav), "--json", env=clean_env(PROCTOR_SPEAKER_EMBEDDING="true"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["speakers"] == 2
+    switch = len(a) / 16000
+    first, last = out["turns"][0], out["turns"][-1]
+    assert first["start_s"] < 2.0 and last["end_s"] > switch + 10 and first["speaker"] != last["speaker"]
+    assert any(x["event_type"] == "MULTIPLE_SPEAKERS" for x in out["alerts"])
+    off = json.loads(proctor("audio", str(wav), "--json", env=clean_env()).stdout)  # the default: stage off
+    assert off["speakers"] is None and off["turns"] == [] and off["speech"]
