@@ -87,3 +87,27 @@ def test_proctor_audio_json_gives_speaker_turns_when_the_speaker_stage_is_on(tmp
     assert any(x["event_type"] == "MULTIPLE_SPEAKERS" for x in out["alerts"])
     off = json.loads(proctor("audio", str(wav), "--json", env=clean_env()).stdout)  # the default: stage off
     assert off["speakers"] is None and off["turns"] == [] and off["speech"]
+
+
+def test_a_second_voice_is_strong_evidence_of_another_person() -> None:
+    from livekit_proctor.analyzer.detectors.speaker import Speakers
+    from livekit_proctor.analyzer.detectors.vad import FRAME_S, Speech
+    from livekit_proctor.analyzer.rules import catalog
+    from livekit_proctor.analyzer.rules.engine import RuleEngine
+    from livekit_proctor.analyzer.rules.policy import effective_policy
+    from livekit_proctor.analyzer.signals import AudioSignals
+    from livekit_proctor.contracts.api import SessionStartRequest
+
+    assert catalog.group("MULTIPLE_SPEAKERS") == catalog.group("MULTIPLE_FACES") == "another_person"
+    engine = RuleEngine(effective_policy(SessionStartRequest(exam_session_id="s", candidate_id="c", exam_id="e"), 5))
+    events = []
+    for seq, n in enumerate([1, 1, 2, 2]):  # the speaker stage's count per 0.5 s window (a stand-in signal)
+        ts = 100.0 + seq * 0.5
+        sig = AudioSignals(seq, ts, 16000, 0.5)
+        sig.put("speech", Speech(np.full(15, 0.9, np.float32), ts + np.arange(15) * FRAME_S, 0.55))
+        sig.put("speakers", Speakers([], n, 2, None))
+        events += engine.observe_audio(sig)
+    started = [e for e in events if e.event_type == "MULTIPLE_SPEAKERS" and e.state == "started"]
+    assert len(started) == 1 and started[0].ts == pytest.approx(101.0)
+    assert started[0].evidence["speakers_in_window"] == 2 and "trigger_audio_window_seq" in started[0].evidence
+    assert "MULTIPLE_SPEAKERS" in engine.strong_open()

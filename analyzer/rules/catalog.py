@@ -202,6 +202,9 @@ BUILTIN: tuple[RuleSpec, ...] = (
     RuleSpec(  # two or more voices within the speaker stage's 10 s window (rules/audio.py; needs that stage)
         MULTIPLE_SPEAKERS, AUDIO_FEATURE, 0.0, 2.0, cooldown_s=10.0, severity=0.6, risk_weight=20,
         measure_name="speakers_in_window", build=speakers_rule, kind="audio",
+        # Heard, the second person is usually the one MULTIPLE_FACES sees: one group, so that a second voice
+        # with the candidate looking away (attention) or a phone (device) is strong evidence, not voice + face.
+        evidence_group="another_person",
     ),
     RuleSpec(
         E.CAMERA_OFF, "face_detection", 2.0, 0.0, cooldown_s=0.0, severity=0.5, risk_weight=15, kind="control",
