@@ -173,11 +173,18 @@ class Settings(BaseSettings):
     )
     speaker_embedding: bool = Field(
         default=False,
-        description="Speaker embeddings on voiced audio (Resemblyzer): counting speakers, the enrolled voice. Off "
-        "by default until the speaker rules exist (no rule reads them yet)",
+        description="Speaker embeddings on voiced audio (Resemblyzer): counting speakers (MULTIPLE_SPEAKERS), the "
+        "enrolled voice (OTHER_VOICE). Off by default: counting is weak on meeting-like audio (bench/speakers.py)",
     )
     speaker_threshold: float = Field(
         default=0.67, ge=-1, le=1, description="Cosine similarity at which a voice joins a speaker cluster"
+    )
+    voice_enroll_s: float = Field(
+        default=4.0,
+        ge=0,
+        le=60,
+        description="Seconds of the first voice a session hears (its largest speaker cluster) that enroll it as the "
+        "candidate's voice, for OTHER_VOICE; 0: no enrollment from the session",
     )
 
     # --- outbox and dispatcher

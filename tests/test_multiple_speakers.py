@@ -63,7 +63,7 @@ async def test_a_second_reader_raises_multiple_speakers_after_they_start(srv: Li
 async def test_one_reader_raises_nothing(srv: LiveServer) -> None:
     pcm = np.concatenate([read_16k(p) for p in READER_A])
     alerts, _ = await _stream(srv, "one-reader", pcm)
-    assert not _started(alerts, "MULTIPLE_SPEAKERS")
+    assert not _started(alerts, "MULTIPLE_SPEAKERS") and not _started(alerts, "OTHER_VOICE")
     assert _started(alerts, "VOICE_DETECTED")  # the audio was heard
 
 
@@ -111,3 +111,67 @@ def test_a_second_voice_is_strong_evidence_of_another_person() -> None:
     assert len(started) == 1 and started[0].ts == pytest.approx(101.0)
     assert started[0].evidence["speakers_in_window"] == 2 and "trigger_audio_window_seq" in started[0].evidence
     assert "MULTIPLE_SPEAKERS" in engine.strong_open()
+
+
+async def test_another_voice_than_the_sessions_first_raises_other_voice(srv: LiveServer) -> None:
+    a, b = read_16k(READER_A[0]), read_16k(READER_B)
+    alerts, t0 = await _stream(srv, "other-voice", np.concatenate([a, b]))
+    (alert,) = _started(alerts, "OTHER_VOICE")
+    switch = len(a) / 16000
+    at = datetime.fromisoformat(alert["timestamp"]).timestamp() - t0
+    assert switch < at <= switch + 10.0, (switch, at)
+    ev = alert["evidence"]
+    assert ev["enrolled_voice_similarity"] < ev["threshold"] == 0.66 and ev["enrolled_voice"] == "session"
+
+
+def _windows(models: Any, pcm: np.ndarray, t0: float, clock: Any, engine: Any) -> list[Any]:
+    events = []
+    for i in range(0, len(pcm), 8000):  # 0.5 s windows, as a live session
+        events += engine.observe_audio(models.analyze_audio(pcm[i : i + 8000], i // 8000, t0 + i / 16000, clock=clock))
+    return events
+
+
+def test_every_other_librispeech_speaker_is_another_voice_and_the_enrolled_one_is_not() -> None:
+    """Each shared LibriSpeech speaker's first recording(s) enroll their voice (the session's first voice, 4 s of
+    it); their remaining recordings raise nothing; every other speaker's first recording raises OTHER_VOICE."""
+    from livekit_proctor.analyzer.detectors.speaker import SpeakerTracker
+    from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet
+    from livekit_proctor.analyzer.rules.engine import RuleEngine
+    from livekit_proctor.analyzer.rules.policy import effective_policy
+    from livekit_proctor.contracts.api import SessionStartRequest
+
+    d = shared_data()
+    if d is None:
+        pytest.skip("shared data not available")
+    speakers = sorted(p.name for p in (d / "audio" / "single_speaker").iterdir() if p.is_dir())
+    files = {s: sorted((d / "audio" / "single_speaker" / s).glob("*.flac")) for s in speakers}
+    audio = {f: read_16k(str(f.relative_to(d))) for fs in files.values() for f in fs}
+    models = ModelSet.load(media="audio", speaker_embedding=True)
+    req = SessionStartRequest(exam_session_id="s", candidate_id="c", exam_id="e")
+    missed, false = [], []
+    for s in speakers:
+        clock, engine = ModelClock(), RuleEngine(effective_policy(req, 5.0))
+        t, rest = 0.0, list(files[s])
+        tracker = None
+        while rest and (tracker is None or tracker.enrolled is None):  # the session's first voice enrolls
+            f = rest.pop(0)
+            _windows(models, audio[f], t, clock, engine)
+            t += len(audio[f]) / 16000 + 1.0
+            tracker = clock.states.get("speaker")
+        assert tracker is not None and tracker.enrolled is not None, f"{s}: no voice enrolled"
+        assert rest, f"{s}: no recording left to check the enrolled voice against"
+        for own in rest:
+            events = _windows(models, audio[own], t, clock, engine)
+            t += len(audio[own]) / 16000 + 1.0
+            false += [f"{s} {own.name}" for e in events if e.event_type == "OTHER_VOICE" and e.state == "started"]
+        for other in speakers:
+            if other == s:
+                continue
+            # A session of its own whose enrolled voice is s's: only the other speaker is heard in it.
+            c2, e2 = ModelClock(), RuleEngine(effective_policy(req, 5.0))
+            c2.states["speaker"] = SpeakerTracker(threshold=tracker.threshold, enrolled=tracker.enrolled)
+            events = _windows(models, audio[files[other][0]], 0.0, c2, e2)
+            if not any(e.event_type == "OTHER_VOICE" and e.state == "started" for e in events):
+                missed.append(f"{s} enrolled, {other} not flagged")
+    assert not false, false
+    assert not missed, missed

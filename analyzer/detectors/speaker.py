@@ -254,6 +254,10 @@ class SpeakerTracker:
     threshold: float = CLUSTER_THRESHOLD
     min_partials: int = MIN_PARTIALS
     enrolled: np.ndarray | None = None  # unit-length voice embedding of the candidate
+    # Enroll the session's first voice once its cluster has this many partials (0: never): the candidate's voice
+    # from the first confident speech of the session (calibration), when no enrollment recording is given.
+    auto_enroll_partials: int = 0
+    enrolled_at: float | None = None  # capture time of the partial that completed the session's enrollment
     clusters: list[Cluster] = field(default_factory=list)
     partials: deque[Partial] = field(default_factory=lambda: deque(maxlen=256))
     _run: list[np.ndarray] = field(default_factory=list)  # the current voiced run's audio (float32 pieces)
@@ -278,6 +282,10 @@ class SpeakerTracker:
         enrolled = cosine(emb, self.enrolled) if self.enrolled is not None else None
         p = Partial(start, end, speaker, sim, enrolled)
         self.partials.append(p)
+        first_voice_heard = 0 < self.auto_enroll_partials <= self.clusters[speaker].count
+        if self.enrolled is None and first_voice_heard:
+            self.enroll_main_voice()
+            self.enrolled_at = end
         return p
 
     def turns(self) -> list[tuple[float, float, int]]:
@@ -440,6 +448,14 @@ class Speakers:
 class SpeakerSettings(StageSettings):
     speaker_embedding: bool = service_setting("speaker_embedding")
     speaker_threshold: float = service_setting("speaker_threshold")  # its default is CLUSTER_THRESHOLD
+    voice_enroll_s: float = service_setting("voice_enroll_s")
+
+
+def partials_in(seconds: float) -> int:
+    """Partials a voiced run of `seconds` yields (one per HOP_S after the first PARTIAL_SAMPLES); 0 for 0 s."""
+    if seconds <= 0:
+        return 0
+    return 1 + max(0, math.ceil((seconds - PARTIAL_SAMPLES / SAMPLE_RATE) / HOP_S))
 
 
 class SpeakerStage(StatefulStage[SpeakerTracker]):
@@ -461,6 +477,7 @@ class SpeakerStage(StatefulStage[SpeakerTracker]):
         self.encoder = SpeakerEncoder()
         self.model, self.verified = self.encoder.name, self.encoder.verified
         self.threshold = settings.speaker_threshold
+        self.auto_enroll = partials_in(settings.voice_enroll_s)
 
     @classmethod
     def enabled(cls, settings: SpeakerSettings) -> bool:
@@ -470,7 +487,7 @@ class SpeakerStage(StatefulStage[SpeakerTracker]):
         return Due(if_speech=True)
 
     def new_state(self) -> SpeakerTracker:
-        return SpeakerTracker(threshold=self.threshold)
+        return SpeakerTracker(threshold=self.threshold, auto_enroll_partials=self.auto_enroll)
 
     def step(self, media: np.ndarray, signals: Signals, state: SpeakerTracker) -> Speakers:
         speech: VoicedFrames | None = signals.values.get("speech")

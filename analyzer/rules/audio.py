@@ -26,8 +26,14 @@ if TYPE_CHECKING:
 
 VOICE_DETECTED = E.VOICE_DETECTED
 MULTIPLE_SPEAKERS = E.MULTIPLE_SPEAKERS
+OTHER_VOICE = E.OTHER_VOICE
 FEATURE = "audio"
-THRESHOLDS = {"voice_probability": 0.8}  # a 32 ms frame counts toward VOICE_DETECTED above this speech probability
+THRESHOLDS = {
+    "voice_probability": 0.8,  # a 32 ms frame counts toward VOICE_DETECTED above this speech probability
+    # OTHER_VOICE below this mean similarity of the last 10 s of voiced partials to the enrolled voice: the
+    # enrollment ROC's equal-error point on the shared LibriSpeech speakers (bench/speakers.py)
+    "voice_match": 0.66,
+}
 
 
 @dataclass(slots=True)
@@ -155,3 +161,40 @@ class SpeakersRule(AudioRule):
 
 def speakers_rule(spec: RuleSpec, p: RulePolicy, t: Limits, engine: RuleEngine) -> SpeakersRule:
     return SpeakersRule(spec, p)
+
+
+def enrolled_similarity(o: AudioObservation) -> float | None:
+    """Mean similarity of the speaker stage's last 10 s of voiced partials to the enrolled voice, or None (no
+    enrolled voice yet, no voiced partial in the window, or the stage did not run on this window)."""
+    sp = o.values.get("speakers")
+    return None if sp is None or sp.enrolled_similarity is None else float(sp.enrolled_similarity)
+
+
+class OtherVoiceRule(AudioRule):
+    """Voiced audio whose last 10 s do not match the candidate's enrolled voice (mean similarity below
+    `voice_match`). The voice is enrolled from the session's first voice (`voice_enroll_s` of its largest speaker
+    cluster: the first confident speech, normally the candidate's during calibration). It catches a helper who
+    speaks while the candidate stays silent, which MULTIPLE_SPEAKERS alone needs both voices for."""
+
+    def __init__(self, spec: RuleSpec, p: RulePolicy, t: Limits) -> None:
+        threshold = t.voice_match
+        super().__init__(
+            spec.event_type, lambda o: None if (x := enrolled_similarity(o)) is None else x < threshold,
+            enrolled_similarity, "enrolled_voice_similarity", threshold, p, spec.severity, spec.severity_per_unit,
+        )  # fmt: skip
+
+    def _event(
+        self,
+        state: IncidentState,
+        ts: float,
+        o: AudioObservation | None,
+        value: float | None,
+        reason: str | None = None,
+    ) -> RuleEvent:
+        ev = super()._event(state, ts, o, value, reason)
+        ev.evidence["enrolled_voice"] = "session"  # taken from the session's first voice (no recording yet)
+        return ev
+
+
+def other_voice_rule(spec: RuleSpec, p: RulePolicy, t: Limits, engine: RuleEngine) -> OtherVoiceRule:
+    return OtherVoiceRule(spec, p, t)

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from livekit_proctor.analyzer.fusion import Observation
 from livekit_proctor.analyzer.rules.audio import FEATURE as AUDIO_FEATURE
-from livekit_proctor.analyzer.rules.audio import MULTIPLE_SPEAKERS, VOICE_DETECTED, speakers_rule, voice_rule
+from livekit_proctor.analyzer.rules.audio import (
+    MULTIPLE_SPEAKERS,
+    OTHER_VOICE,
+    VOICE_DETECTED,
+    other_voice_rule,
+    speakers_rule,
+    voice_rule,
+)
 from livekit_proctor.analyzer.rules.audio import THRESHOLDS as AUDIO_THRESHOLDS
 from livekit_proctor.analyzer.rules.incident import DistractionRule, DurationRule
 from livekit_proctor.analyzer.rules.spoof import FEATURE as SPOOF_FEATURE
@@ -204,6 +211,11 @@ BUILTIN: tuple[RuleSpec, ...] = (
         measure_name="speakers_in_window", build=speakers_rule, kind="audio",
         # Heard, the second person is usually the one MULTIPLE_FACES sees: one group, so that a second voice
         # with the candidate looking away (attention) or a phone (device) is strong evidence, not voice + face.
+        evidence_group="another_person",
+    ),
+    RuleSpec(  # voiced audio unlike the session's enrolled voice (rules/audio.py; needs the speaker stage)
+        OTHER_VOICE, AUDIO_FEATURE, 0.0, 2.0, cooldown_s=10.0, severity=0.6, risk_weight=20,
+        measure_name="enrolled_voice_similarity", threshold="voice_match", build=other_voice_rule, kind="audio",
         evidence_group="another_person",
     ),
     RuleSpec(

@@ -55,6 +55,8 @@ class EventType(StrEnum):
     # registered by the catalog: processes that parse alerts without loading the catalog (clients, bench/loadgen)
     # must know it.
     VOICE_DETECTED = "VOICE_DETECTED"
+    # Voiced audio that does not match the candidate's enrolled voice (analyzer/rules/audio.py).
+    OTHER_VOICE = "OTHER_VOICE"
 
 
 EVENT_TYPE_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{1,63}$")
