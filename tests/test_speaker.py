@@ -150,7 +150,7 @@ def test_built_in_stage_runs_after_the_vad_only_on_voiced_windows() -> None:
     from livekit_proctor.analyzer.pipeline import ModelClock, ModelSet
 
     off = ModelSet.load(media="audio")
-    assert "speaker" not in [s.name for s in off.audio]  # off by default (no rule reads it yet)
+    assert "speaker" not in [s.name for s in off.audio]  # off by default (counting is weak on meeting audio)
     models = ModelSet.load(media="audio", speaker_embedding=True)
     assert [s.name for s in models.audio] == ["vad", "speaker"]
     voice = (np.clip(librispeech("1998", 0)[: 4 * spk.SAMPLE_RATE], -1, 1) * 32767).astype(np.int16)
