@@ -123,15 +123,7 @@ def analyze_video(
     limiter = limiter or IncidentLimiter(burst=10, refill_s=60.0)
     suppressed = 0
 
-    # Alert times: analysis start + offset in the recording.
-    builder = AlertBuilder(
-        exam_session_id=session_id,
-        candidate_id=candidate_id,
-        default_model=models.source,
-        node_id="offline",
-        worker_id="cli",
-        time_base=time.time(),
-    )
+    builder = _builder(models, session_id, candidate_id)
 
     def to_alerts(events: list[RuleEvent]) -> None:
         nonlocal suppressed
@@ -211,6 +203,18 @@ def _audio_windows(models: ModelSet, path: Path) -> list[tuple[int, float, np.nd
     return [(n, i / AUDIO_SAMPLE_RATE, pcm[i : i + window]) for n, i in enumerate(range(0, len(pcm), window))]
 
 
+def _builder(models: ModelSet, session_id: str, candidate_id: str) -> AlertBuilder:
+    """Alerts of a recording: their times are the analysis start + the offset in the recording."""
+    return AlertBuilder(
+        exam_session_id=session_id,
+        candidate_id=candidate_id,
+        default_model=models.source,
+        node_id="offline",
+        worker_id="cli",
+        time_base=time.time(),
+    )
+
+
 def analyze_audio_file(
     models: ModelSet,
     path: Path,
@@ -231,14 +235,7 @@ def analyze_audio_file(
     engine = RuleEngine(effective_policy(req, 5.0))
     clock = ModelClock()
     limiter = limiter or IncidentLimiter(burst=10, refill_s=60.0)
-    builder = AlertBuilder(
-        exam_session_id=session_id,
-        candidate_id=candidate_id,
-        default_model=models.source,
-        node_id="offline",
-        worker_id="cli",
-        time_base=time.time(),
-    )
+    builder = _builder(models, session_id, candidate_id)
     out: list[tuple[float, Alert]] = []
     probs: list[np.ndarray] = []
     frame_ts: list[np.ndarray] = []

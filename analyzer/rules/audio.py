@@ -70,7 +70,12 @@ class AudioRule(DurationRule[AudioObservation]):
         for which in ("first", "trigger"):
             if f"{which}_frame_seq" in ev.evidence:
                 ev.evidence[f"{which}_audio_window_seq"] = ev.evidence.pop(f"{which}_frame_seq")
+        ev.evidence.update(self.extra_evidence())
         return ev
+
+    def extra_evidence(self) -> dict[str, Any]:
+        """What this rule adds to its events' evidence."""
+        return {}
 
 
 class VoiceRule(AudioRule):
@@ -101,20 +106,11 @@ class VoiceRule(AudioRule):
             self._upto = (self._frames, self._voiced, self._prob_sum)
         return super().observe(o)
 
-    def _event(
-        self,
-        state: IncidentState,
-        ts: float,
-        o: AudioObservation | None,
-        value: float | None,
-        reason: str | None = None,
-    ) -> RuleEvent:
-        ev = super()._event(state, ts, o, value, reason)
+    def extra_evidence(self) -> dict[str, Any]:
         frames, voiced, prob_sum = self._upto
-        if frames:
-            ev.evidence["voiced_s"] = round(voiced * FRAME_S, 3)
-            ev.evidence["mean_speech_probability"] = round(prob_sum / frames, 3)
-        return ev
+        if not frames:
+            return {}
+        return {"voiced_s": round(voiced * FRAME_S, 3), "mean_speech_probability": round(prob_sum / frames, 3)}
 
 
 def voice_rule(spec: RuleSpec, p: RulePolicy, t: Limits, engine: RuleEngine) -> VoiceRule:
@@ -146,17 +142,8 @@ class SpeakersRule(AudioRule):
             self._clusters = int(sp.clusters)
         return super().observe(o)
 
-    def _event(
-        self,
-        state: IncidentState,
-        ts: float,
-        o: AudioObservation | None,
-        value: float | None,
-        reason: str | None = None,
-    ) -> RuleEvent:
-        ev = super()._event(state, ts, o, value, reason)
-        ev.evidence["speaker_clusters"] = self._clusters
-        return ev
+    def extra_evidence(self) -> dict[str, Any]:
+        return {"speaker_clusters": self._clusters}
 
 
 def speakers_rule(spec: RuleSpec, p: RulePolicy, t: Limits, engine: RuleEngine) -> SpeakersRule:
@@ -183,17 +170,8 @@ class OtherVoiceRule(AudioRule):
             enrolled_similarity, "enrolled_voice_similarity", threshold, p, spec.severity, spec.severity_per_unit,
         )  # fmt: skip
 
-    def _event(
-        self,
-        state: IncidentState,
-        ts: float,
-        o: AudioObservation | None,
-        value: float | None,
-        reason: str | None = None,
-    ) -> RuleEvent:
-        ev = super()._event(state, ts, o, value, reason)
-        ev.evidence["enrolled_voice"] = "session"  # taken from the session's first voice (no recording yet)
-        return ev
+    def extra_evidence(self) -> dict[str, Any]:
+        return {"enrolled_voice": "session"}  # taken from the session's first voice (no recording yet)
 
 
 def other_voice_rule(spec: RuleSpec, p: RulePolicy, t: Limits, engine: RuleEngine) -> OtherVoiceRule:
