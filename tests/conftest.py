@@ -237,6 +237,13 @@ class StreamClient:
         except TimeoutError:
             raise AssertionError(f"no pong in {timeout}s; got {[m.get('type') for m in self.messages]}") from None
 
+    async def wait_closed(self) -> tuple[int, str]:
+        """Returns (close code, reason) once the server has closed the connection: the reader task ends when it
+        sees the close, so this waits for that event however slow the machine is, not for a deadline."""
+        await asyncio.shield(self._reader)
+        assert self.closed is not None, "the reader stopped without a close"
+        return self.closed
+
     def of_type(self, t: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("type") == t]
 

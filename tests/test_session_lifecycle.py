@@ -14,13 +14,6 @@ import websockets
 from tests.conftest import ADMIN_KEY, LiveServer, StreamClient, black_jpeg, stream_url
 
 
-async def closed(c: StreamClient, timeout: float = 60.0) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while c.closed is None:
-        assert time.monotonic() < deadline, "the connection was not closed"
-        await asyncio.sleep(0.02)
-
-
 async def test_hello_and_heartbeat_with_stats(server: LiveServer) -> None:
     cfg = server.start_session("hb-1")
     async with StreamClient.connect(stream_url(cfg)) as c:
@@ -44,8 +37,8 @@ async def test_newer_connection_supersedes_and_keeps_rule_state(server: LiveServ
             await first.sync()
         async with StreamClient.connect(stream_url(cfg)) as second:
             await second.wait_for(lambda m: m["type"] == "hello")
-            await closed(first)
-            assert first.closed is not None and first.closed[0] == 4409
+            code, _ = await first.wait_closed()
+            assert code == 4409
             for i in range(15, 30):  # 3 s more: the 5 s rule fires across the reconnect
                 await second.video(black, base + i * 0.2)
                 await second.sync()
@@ -65,13 +58,13 @@ async def test_legacy_endpoints(server: LiveServer) -> None:
     ):
         await audio.send(np.zeros(1600, np.int16).tobytes())  # 100 ms of PCM
         black = black_jpeg()
-        # Legacy frames are timestamped on arrival: real time. Sent until the alert comes (5 s of absence).
+        # Legacy frames are timestamped on arrival: real time. Sent until the alert comes (5 s of absence), however
+        # long that takes on a busy machine; a closed events socket ends the loop with its error.
         received = asyncio.create_task(events.recv())
-        deadline = time.monotonic() + 60
-        while not received.done() and time.monotonic() < deadline:
+        while not received.done():
             await video.send(black)
             await asyncio.sleep(0.1)
-        alert = json.loads(await asyncio.wait_for(received, 1))
+        alert = json.loads(received.result())
     assert alert["event_type"] == "FACE_NOT_FOUND" and alert["exam_session_id"] == "legacy-1"
     st = server.session("legacy-1")["counters"]
     assert st["audio_seconds"] == pytest.approx(0.1)
@@ -90,14 +83,14 @@ async def test_end_closes_incidents_and_stream(server: LiveServer) -> None:
         assert r.status_code == 200 and r.json()["state"] == "ended"
         ended = await c.wait_for(lambda m: m["type"] == "alert" and m["alert"]["incident_state"] == "ended")
         assert ended["alert"]["evidence"]["end_reason"] == "ended_by_api"
-        await closed(c)
-        assert c.closed is not None and c.closed[0] == 4408
+        code, _ = await c.wait_closed()
+        assert code == 4408
     st = server.session("end-1")
     assert st["state"] == "ended" and st["counters"]["frames_received"] == 30
     # An ended session takes no more streams.
     async with websockets.connect(stream_url(cfg)) as ws:
         with pytest.raises(websockets.ConnectionClosed):
-            await asyncio.wait_for(ws.recv(), 60)
+            await ws.recv()  # the server closes it at once: nothing else arrives
         assert ws.close_code == 4408
 
 
