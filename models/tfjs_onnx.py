@@ -116,3 +116,41 @@ def canonical_names(model) -> None:  # type: ignore[no-untyped-def]
     g.initializer.extend(inits)
     del g.value_info[:]
     g.doc_string = ""
+
+
+def store_fp16(model) -> int:  # type: ignore[no-untyped-def]
+    """Weights: float32 -> stored float16 with a Cast in front, only where the round trip is exact (TF.js shipped
+    them float16-quantised, so this is lossless; small tensors stay as they are). Returns how many."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    casts = []
+    for init in g.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype != np.float32 or arr.size < 16:
+            continue
+        half = arr.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), arr):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, name + "_fp16"))
+        casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT))
+    nodes = [*casts, *g.node]
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(casts)
+
+
+def save(model, dst: str, graph_name: str, doc: str, metadata: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    """Names the graph, sets the doc string and the metadata (source, licence, preprocessing), checks, saves."""
+    import onnx
+
+    model.graph.name = graph_name
+    model.doc_string = doc
+    del model.metadata_props[:]
+    for k, v in metadata.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, dst)

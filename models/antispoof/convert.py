@@ -52,6 +52,8 @@ from tfjs_onnx import (
 )
 from tfjs_onnx import canonical_names as _canonical_names
 from tfjs_onnx import prune as _prune
+from tfjs_onnx import save as _save
+from tfjs_onnx import store_fp16 as _store_fp16
 from tfjs_onnx import tf2onnx as _tf2onnx
 
 HERE = Path(__file__).resolve().parent
@@ -146,9 +148,7 @@ def main() -> None:
 
 
 def _postprocess(name: str, src: str, dst: str) -> None:
-    import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
 
     spec = MODELS[name]
     out_name = str(spec["output"])
@@ -166,32 +166,13 @@ def _postprocess(name: str, src: str, dst: str) -> None:
     _prune(model)
     _canonical_names(model)
 
-    # Weights: float32 -> stored float16 + Cast, only where the round trip is exact.
-    casts = []
-    for init in g.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.dtype != np.float32 or arr.size < 16:
-            continue
-        half = arr.astype(np.float16)
-        if not np.array_equal(half.astype(np.float32), arr):
-            continue
-        iname = init.name
-        init.CopyFrom(numpy_helper.from_array(half, iname + "_fp16"))
-        casts.append(helper.make_node("Cast", [iname + "_fp16"], [iname], to=onnx.TensorProto.FLOAT))
-    nodes = [*casts, *g.node]
-    del g.node[:]
-    g.node.extend(nodes)
+    casts = _store_fp16(model)
 
     size = int(spec["size"])  # type: ignore[call-overload]
-    g.name = f"{name}_{size}"
-    model.doc_string = f"{name} face anti-spoofing CNN, {size}x{size} RGB 0..1; see models/antispoof/README.md"
-    del model.metadata_props[:]
-    for k, v in metadata(name).items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, dst)
+    doc = f"{name} face anti-spoofing CNN, {size}x{size} RGB 0..1; see models/antispoof/README.md"
+    _save(model, dst, f"{name}_{size}", doc, metadata(name))
     ops = sorted({n.op_type for n in g.node})
-    print(f"post-processed: {len(g.node)} nodes ({', '.join(ops)}), {len(casts)} weight tensors stored as float16")
+    print(f"post-processed: {len(g.node)} nodes ({', '.join(ops)}), {casts} weight tensors stored as float16")
     _compare_onnx(src, dst, raw_name, out_name, size)
 
 

@@ -56,6 +56,8 @@ from tfjs_onnx import (
 )
 from tfjs_onnx import canonical_names as _canonical_names
 from tfjs_onnx import prune as _prune
+from tfjs_onnx import save as _save
+from tfjs_onnx import store_fp16 as _store_fp16
 from tfjs_onnx import tf2onnx as _tf2onnx
 
 HERE = Path(__file__).resolve().parent
@@ -161,9 +163,7 @@ def main() -> None:
 
 
 def _postprocess(src: str, dst: str) -> None:
-    import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.load(src)
     g = model.graph
@@ -183,31 +183,12 @@ def _postprocess(src: str, dst: str) -> None:
     _prune(model)
     _canonical_names(model)
 
-    # Weights: float32 -> stored float16 + Cast, only where the round trip is exact.
-    casts = []
-    for init in g.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.dtype != np.float32 or arr.size < 16:
-            continue
-        half = arr.astype(np.float16)
-        if not np.array_equal(half.astype(np.float32), arr):
-            continue
-        name = init.name
-        init.CopyFrom(numpy_helper.from_array(half, name + "_fp16"))
-        casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT))
-    nodes = [*casts, *g.node]
-    del g.node[:]
-    g.node.extend(nodes)
+    casts = _store_fp16(model)
 
-    g.name = "faceres_224"
-    model.doc_string = "HSE FaceRes face embedding (MobileNet, 1024-d), 224x224 BGR 0-255; see models/faceres/README.md"
-    del model.metadata_props[:]
-    for k, v in METADATA.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, dst)
+    doc = "HSE FaceRes face embedding (MobileNet, 1024-d), 224x224 BGR 0-255; see models/faceres/README.md"
+    _save(model, dst, "faceres_224", doc, METADATA)
     ops = sorted({n.op_type for n in g.node})
-    print(f"post-processed: {len(g.node)} nodes ({', '.join(ops)}), {len(casts)} weight tensors stored as float16")
+    print(f"post-processed: {len(g.node)} nodes ({', '.join(ops)}), {casts} weight tensors stored as float16")
     _compare_onnx(src, dst, raw_name)
 
 

@@ -54,6 +54,9 @@ from tfjs_onnx import (
     sha256,
 )
 from tfjs_onnx import canonical_names as _canonical_names
+from tfjs_onnx import prune as _prune
+from tfjs_onnx import save as _save
+from tfjs_onnx import store_fp16 as _store_fp16
 from tfjs_onnx import tf2onnx as _tf2onnx
 
 HERE = Path(__file__).resolve().parent
@@ -170,9 +173,7 @@ def main() -> None:
 
 
 def _postprocess(src: str, dst: str) -> None:
-    import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.load(src)
     g = model.graph
@@ -192,30 +193,11 @@ def _postprocess(src: str, dst: str) -> None:
     _fold_reshape_shapes(model, src)
     _canonical_names(model)
 
-    # Weights: float32 -> stored float16 + Cast, only where the round trip is exact.
-    casts = []
-    for init in g.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.dtype != np.float32 or arr.size < 16:
-            continue
-        half = arr.astype(np.float16)
-        if not np.array_equal(half.astype(np.float32), arr):
-            continue
-        name = init.name
-        init.CopyFrom(numpy_helper.from_array(half, name + "_fp16"))
-        casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT))
-    nodes = [*casts, *g.node]
-    del g.node[:]
-    g.node.extend(nodes)
+    casts = _store_fp16(model)
 
-    g.name = "nanodet_416"
-    model.doc_string = "NanoDet COCO detector (GFL head), 416x416; see models/nanodet/README.md"
-    del model.metadata_props[:]
-    for k, v in METADATA.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, dst)
-    print(f"post-processed: {len(casts)} weight tensors stored as float16")
+    doc = "NanoDet COCO detector (GFL head), 416x416; see models/nanodet/README.md"
+    _save(model, dst, "nanodet_416", doc, METADATA)
+    print(f"post-processed: {casts} weight tensors stored as float16")
     _compare_onnx(src, dst)
 
 
@@ -241,18 +223,7 @@ def _fold_reshape_shapes(model, src: str) -> None:  # type: ignore[no-untyped-de
     producers = {o: n for n in g.node for o in n.output}
     for name in wanted:
         g.node.remove(producers[name])
-    # Prune dead nodes and initializers (walk back from the outputs).
-    needed = {o.name for o in g.output}
-    live = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed.update(i for i in node.input if i)
-    del g.node[:]
-    g.node.extend(reversed(live))
-    kept = [i for i in g.initializer if i.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    _prune(model)  # the shape chains' nodes and initializers nothing uses any more
 
 
 def _value_info(name: str):  # type: ignore[no-untyped-def]
