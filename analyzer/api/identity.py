@@ -142,14 +142,8 @@ def quality_reasons(q: faceembed.FaceQuality) -> list[Reason]:
         out.append(_reason("too_dark", f"face brightness {q.brightness:.0f}; at least {MIN_BRIGHTNESS:.0f} needed"))
     elif q.brightness > MAX_BRIGHTNESS:
         out.append(_reason("too_bright", f"face brightness {q.brightness:.0f}; at most {MAX_BRIGHTNESS:.0f} allowed"))
-    if q.detector_score < faceembed.VERIFY_MIN_DETECTOR_SCORE:  # it could not be verified against either
-        out.append(
-            _reason(
-                "low_confidence",
-                f"the face was detected with confidence {q.detector_score:.2f}; "
-                f"at least {faceembed.VERIFY_MIN_DETECTOR_SCORE:.2f} needed",
-            )
-        )
+    if (weak := faceembed.confidence_problem(q)) is not None:  # it could not be verified against either
+        out.append(_reason(*weak))
     if q.pose is None:
         out.append(_reason("no_landmarks", "the face's landmarks were not found, so its pose is unknown"))
     elif max(abs(q.pose.yaw), abs(q.pose.pitch)) > MAX_POSE_DEG:

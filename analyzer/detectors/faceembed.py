@@ -262,18 +262,24 @@ class FaceEmbedding:
         return {"box": self.box.to_dict(), "quality": self.quality.to_dict(), "alignment": self.alignment}
 
 
+def confidence_problem(q: FaceQuality) -> tuple[str, str] | None:
+    """("low_confidence", message) when the detection is too weak to verify the face (VERIFY_MIN_DETECTOR_SCORE),
+    else None: the part of verification_problem that an enrollment image's quality alone can tell."""
+    if q.detector_score < VERIFY_MIN_DETECTOR_SCORE:
+        return (
+            "low_confidence",
+            f"the face was detected with confidence {q.detector_score:.2f}; "
+            f"at least {VERIFY_MIN_DETECTOR_SCORE:.2f} needed to verify it",
+        )
+    return None
+
+
 def verification_problem(e: FaceEmbedding) -> tuple[str, str] | None:
     """Why this face cannot be verified, as (reason code, message), or None when it can: one gate for every
     verification path (see VERIFY_MIN_DETECTOR_SCORE for how it was chosen)."""
     if e.alignment != "mesh":
         return "no_landmarks", "the face's landmarks were not found (turned away or covered), so it cannot be aligned"
-    if e.quality.detector_score < VERIFY_MIN_DETECTOR_SCORE:
-        return (
-            "low_confidence",
-            f"the face was detected with confidence {e.quality.detector_score:.2f}; "
-            f"at least {VERIFY_MIN_DETECTOR_SCORE:.2f} needed to verify it",
-        )
-    return None
+    return confidence_problem(e.quality)
 
 
 class FaceEmbedder:
