@@ -2,8 +2,9 @@
 
 Usage: python bench/vad.py [DATA_DIR] [--json]   (default: ../shared/data beside the repo)
 
-Every file is decoded and resampled to 16 kHz mono s16 with PyAV (libswresample), then streamed through one
-SileroVad state in 0.5 s windows, as a live session does; each 32 ms frame gets a speech probability.
+Every file is decoded and resampled to 16 kHz mono s16 as `proctor audio` does (analyzer/offline.read_audio:
+PyAV, libswresample), then streamed through one SileroVad state in 0.5 s windows, as a live session does; each
+32 ms frame gets a speech probability.
 
   labelled   audio/vad/*_speech.csv: a frame is speech when its midpoint lies in a labelled segment; only frames
              inside the labelled windows count. Frame-level precision / recall / F1.
@@ -29,26 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import av
 import cv2
 import numpy as np
 
 from livekit_proctor.analyzer.detectors.blazeface import BlazeFaceDetector
 from livekit_proctor.analyzer.detectors.vad import DEFAULT_THRESHOLD, FRAME_S, SAMPLE_RATE, SileroVad, VadState
+from livekit_proctor.analyzer.offline import read_audio
 
 WINDOW = SAMPLE_RATE // 2  # 0.5 s, as the live session's audio windows
 RULE_PROB, RULE_S = 0.8, 2.0  # VOICE_DETECTED's defaults
-
-
-def read_audio(path: Path) -> np.ndarray:
-    """Any file PyAV reads -> int16 mono at 16 kHz."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-    parts: list[np.ndarray] = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(audio=0):
-            parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(parts).astype(np.int16)
 
 
 def stream_probs(vad: SileroVad, pcm: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

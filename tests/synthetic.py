@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
 
+from livekit_proctor.analyzer.offline import read_audio
 from tests.conftest import shared_data
 
 FPS = 5.0  # the sessions' default analysis rate
@@ -52,14 +52,9 @@ def video_frames(path: Path, fps: float = FPS) -> Iterator[tuple[float, np.ndarr
 
 
 def read_16k(rel: str) -> np.ndarray:
-    """A shared audio file as int16 mono 16 kHz (PyAV resamples); skips without the shared data."""
+    """A shared audio file as int16 mono 16 kHz, read as `proctor audio` reads files; skips without the shared
+    data."""
     d = shared_data()
     if d is None or not (d / rel).is_file():
         pytest.skip(f"shared data not available: {rel}")
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
-    parts: list[np.ndarray] = []
-    with av.open(str(d / rel)) as container:
-        for frame in container.decode(audio=0):
-            parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(parts).astype(np.int16)
+    return read_audio(d / rel)
