@@ -182,15 +182,7 @@ class RedisOutbox:
         MULTI, so that no dispatcher reads, claims or re-delivers them afterwards. A dispatcher that read one
         before may still send it once (it is in its hands); its later XACK is a no-op.
         {"outbox": entries deleted, "outbox_pending": (lane, entry) pairs read but not yet acknowledged}."""
-        sids = {s.encode() for s in session_ids}
-        ids: list[bytes] = []
-        start = "-"
-        while sids:  # the stream is not indexed by session: one pass over it, a page at a time
-            entries = await self.r.xrange(self.stream, min=start, max="+", count=page)
-            ids += [_b(eid) for eid, f in entries if _session_of(f) in sids]
-            if len(entries) < page:
-                break
-            start = "(" + _b(entries[-1][0]).decode()
+        ids = [eid for eid, _ in await self._entries_of(session_ids, page)]
         if not ids:
             return {"outbox": 0, "outbox_pending": 0}
         groups = [_b(g["name"]) for g in await self.r.xinfo_groups(self.stream)]
@@ -205,24 +197,21 @@ class RedisOutbox:
         """The sessions' entries (one pass over the stream, as delete_sessions). "delivered": every consumer
         group has read the entry (its last-delivered id is past it) and acknowledged it (not pending); None
         while no group exists yet."""
-        sids = {s.encode() for s in session_ids}
-        found: list[tuple[bytes, dict[Any, Any]]] = []
-        start = "-"
-        while sids:
-            entries = await self.r.xrange(self.stream, min=start, max="+", count=page)
-            found += [(_b(eid), f) for eid, f in entries if _session_of(f) in sids]
-            if len(entries) < page:
-                break
-            start = "(" + _b(entries[-1][0]).decode()
+        found = await self._entries_of(session_ids, page)
         if not found:
             return []
         groups = await self.r.xinfo_groups(self.stream)
+        ours = {eid for eid, _ in found}
         pending: set[bytes] = set()
         for g in groups:
-            rows = await self.r.xpending_range(
-                self.stream, _b(g["name"]), min=found[0][0], max=found[-1][0], count=len(found)
-            )
-            pending |= {_b(r["message_id"]) for r in rows}
+            # Other sessions' entries may be pending between ours too: page through the range, keep ours.
+            start = found[0][0].decode()
+            while True:
+                rows = await self.r.xpending_range(self.stream, _b(g["name"]), min=start, max=found[-1][0], count=page)
+                pending |= {m for r in rows if (m := _b(r["message_id"])) in ours}
+                if len(rows) < page:
+                    break
+                start = "(" + _b(rows[-1]["message_id"]).decode()
         read_by_all = [_stream_id(_b(g["last-delivered-id"])) for g in groups]
 
         def delivered(eid: bytes) -> bool | None:
@@ -235,6 +224,20 @@ class RedisOutbox:
                       _field(f, "payload"))
             for eid, f in found
         ]  # fmt: skip
+
+    async def _entries_of(self, session_ids: Sequence[str], page: int) -> list[tuple[bytes, dict[Any, Any]]]:
+        """(entry id, fields) of the sessions' entries, oldest first. The stream is not indexed by session: one
+        pass over it, a page at a time."""
+        sids = {s.encode() for s in session_ids}
+        found: list[tuple[bytes, dict[Any, Any]]] = []
+        start = "-"
+        while sids:
+            entries = await self.r.xrange(self.stream, min=start, max="+", count=page)
+            found += [(_b(eid), f) for eid, f in entries if _session_of(f) in sids]
+            if len(entries) < page:
+                break
+            start = "(" + _b(entries[-1][0]).decode()
+        return found
 
     def _commit(self, also: AlsoWrite) -> None:
         assert self._sm is not None

@@ -256,6 +256,7 @@ async def test_redis_outbox_export_says_which_entries_every_reader_has_acknowled
         got = await outbox.export_sessions(["x-1"])
         # 0: acknowledged by both lanes; 2: read but pending in lane a; 3: lane a has not read it yet.
         assert [(a["alert"]["evidence"]["i"], a["delivered"]) for a in got] == [(0, True), (2, False), (3, False)]
+        assert await outbox.export_sessions(["x-1"], page=1) == got  # the same when the stream and pending lists page
         assert all(a["exam_session_id"] == "x-1" and a["event_id"] for a in got)
     finally:
         await r.aclose()
